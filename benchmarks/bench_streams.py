@@ -1,0 +1,145 @@
+"""The stream bridge: host overhead per call, and throughput with 1, 2 and 4 concurrent streams (issue 3).
+
+Overhead: a tiny graph (Linear 16x16, batch 1), host time per call of the engine against calling the
+Inductor-compiled function directly in the same run, on a custom stream and on the legacy default
+stream (where the engine runs on a fenced side stream).
+
+Concurrency: a deep, narrow MLP at batch 8 (24 x Linear(256, 256) + GELU) whose kernels leave most of
+the GPU idle, in CUDA-graph mode; N threads, each with its own stream, call it back to back. Peer: plain
+torch.compile(mode="reduce-overhead") of the same model under the same threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+import torch.nn as nn
+
+import torchtrt_ext
+from benchmarks.timing import host_us
+
+
+class DeepNarrow(nn.Module):
+    def __init__(self, width: int = 256, depth: int = 24):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.nn.functional.gelu(layer(x))
+        return x
+
+
+def _overhead(device: torch.device) -> list[dict]:
+    torch.manual_seed(0)
+    model = nn.Linear(16, 16).to(device).eval()
+    x = torch.randn(1, 16, device=device)
+    compiled = torchtrt_ext.compile(model, (x,), dynamic_batch=False)
+    engine = compiled.engines[0]
+    args = engine._template.copy()
+    for position in engine._input_positions:
+        args[position] = x
+    direct = engine._compiled
+    calls = 20_000
+    rows = []
+    custom = torch.cuda.Stream(device)
+    with torch.no_grad():
+        for where, stream in [("custom stream", custom), ("legacy default stream", torch.cuda.default_stream(device))]:
+            with torch.cuda.stream(stream):
+                for _ in range(200):
+                    direct(*args), engine(x), compiled(x)
+                torch.cuda.synchronize(device)
+                t_direct = host_us(lambda: direct(*args), calls)
+                t_engine = host_us(lambda: engine(x), calls)
+                t_wrapper = host_us(lambda: compiled(x), calls)
+                torch.cuda.synchronize(device)
+            rows.append(
+                {
+                    "measure": "host overhead per call",
+                    "where": where,
+                    "direct_us": round(t_direct, 2),
+                    "engine_us": round(t_engine, 2),
+                    "bridge_overhead_us": round(t_engine - t_direct, 2),
+                    "wrapper_us": round(t_wrapper, 2),
+                    "wrapper_overhead_us": round(t_wrapper - t_direct, 2),
+                }
+            )
+    return rows
+
+
+def _throughput(fn_for_thread, device: torch.device, threads: int, calls: int) -> float:
+    """Aggregate calls per second with `threads` threads, each on its own stream."""
+    barrier = threading.Barrier(threads + 1)
+    done = threading.Barrier(threads + 1)
+    errors = []
+
+    def worker(t: int) -> None:
+        try:
+            stream = torch.cuda.Stream(device)
+            fn = fn_for_thread(t)
+            with torch.no_grad(), torch.cuda.stream(stream):
+                for _ in range(20):
+                    fn()  # per-thread warm-up (CUDA-graph recording is per thread)
+                stream.synchronize()
+                barrier.wait()
+                for _ in range(calls):
+                    fn()
+                stream.synchronize()
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+        finally:
+            try:
+                done.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()
+    done.wait()
+    elapsed = time.perf_counter() - start
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return threads * calls / elapsed
+
+
+def _concurrency(device: torch.device) -> list[dict]:
+    torch.manual_seed(0)
+    model = DeepNarrow().to(device).eval()
+    x = torch.randn(8, 256, device=device)
+    ours = torchtrt_ext.compile(model, (x,), cuda_graphs=True, dynamic_batch=False)
+    peer = torch.compile(model, mode="reduce-overhead", dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).clone(), model(x), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(peer(x).clone(), model(x), rtol=1e-3, atol=1e-3)
+    inputs = [torch.randn(8, 256, device=device) for _ in range(4)]
+    rows = []
+    calls = 400
+    for name, fn in [("ours (cuda_graphs)", ours), ("torch.compile reduce-overhead", peer)]:
+        base = None
+        for threads in (1, 2, 4):
+            rate = _throughput(lambda t, fn=fn: (lambda: fn(inputs[t])), device, threads, calls)
+            base = base or rate
+            rows.append(
+                {
+                    "measure": "throughput",
+                    "variant": name,
+                    "streams": threads,
+                    "calls_per_s": round(rate, 1),
+                    "vs_1_stream": round(rate / base, 3),
+                }
+            )
+    return rows
+
+
+def run(device: torch.device, quick: bool = False) -> list[dict]:
+    if device.type != "cuda":
+        raise RuntimeError("the streams benchmark needs a CUDA device")
+    return _overhead(device) + _concurrency(device)

@@ -1,0 +1,67 @@
+"""Timing helpers shared by the benchmarks: warm up, interleave the variants, take medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency_ms(
+    variants: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int = 5, rounds: int = 7, calls: int = 10
+) -> dict[str, dict[str, float]]:
+    """Per variant: 'latency' = median over calls of (call + synchronize), host overhead included;
+    'throughput' = median over rounds of the time per call when `calls` run back to back.
+
+    Rounds interleave the variants (A B C A B C ...), so clock and thermal drift hit all alike.
+    """
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    single: dict[str, list[float]] = {name: [] for name in variants}
+    batched: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                single[name].append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            _sync(device)
+            batched[name].append((time.perf_counter() - start) * 1e3 / calls)
+    return {
+        name: {
+            "latency": statistics.median(single[name]),
+            "throughput": statistics.median(batched[name]),
+            "latency_spread": _spread(single[name]),
+        }
+        for name in variants
+    }
+
+
+def _spread(values: list[float]) -> float:
+    """Half the distance between the 25th and 75th percentiles, relative to the median."""
+    q = statistics.quantiles(values, n=4)
+    return (q[2] - q[0]) / 2 / statistics.median(values)
+
+
+def host_us(fn: Callable[[], Any], calls: int, repeats: int = 5) -> float:
+    """Median host time per call in microseconds, no synchronisation inside the timed loop."""
+    results = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        results.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(results)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The project's one GPU script: build the CUDA runtime, run the GPU tests and the benchmarks, and write
+# everything under OUT_DIR (logs, JSON, tables). Steps run in the order given; default: all of them.
+#
+#   bash scripts/gpu.sh OUT_DIR [build] [tests] [bench] [stress] [sanitize]
+#
+# Each step's log lands in OUT_DIR; the last lines printed summarise every step (the device tool
+# returns the end of the output).
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu.sh OUT_DIR [steps...]}
+shift
+STEPS=${*:-build tests bench sanitize}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+SUMMARY=()
+step() { # name, command...: run, log to OUT/name.log, remember the outcome
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  SUMMARY+=("$name rc=$rc $((SECONDS - start))s")
+  return "$rc"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  $PY -m pip --version
+  command -v nvcc && nvcc --version | tail -2
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+} > "$OUT/env.log" 2>&1
+
+for s in $STEPS; do
+  case $s in
+    build)
+      step build $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; break; }
+      $PY -c "from torchtrt_ext import _runtime as r; assert r.built_with_cuda, 'CPU build on a GPU machine'; print('runtime built with CUDA')" \
+        || { echo "runtime check failed"; break; } ;;
+    tests)
+      step tests $PY -m pytest -q -m cuda -p no:cacheprovider tests/ ;;
+    bench)
+      step bench $PY -m benchmarks engine streams --out "$OUT" ;;
+    stress)
+      step stress $PY -m tests.stress_streams --calls 10000 --threads 4 ;;
+    sanitize)
+      step sanitize bash -c "for tool in memcheck racecheck; do echo \"--- \$tool\"; \
+        timeout 300 compute-sanitizer --tool \$tool --error-exitcode 9 $PY -m tests.stress_streams \
+        --calls 64 --threads 2 --names mlp; echo \"\$tool rc=\$?\"; done" ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
+echo "=== summary"
+printf '%s\n' "${SUMMARY[@]}"

@@ -1,0 +1,159 @@
+"""torch.compile(model, backend="torchtrt_ext"): same answers as eager, on the built-in engine."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import torchtrt_ext
+from tests import zoo
+from tests.conftest import CPU_AND_CUDA
+from torchtrt_ext import OptionError
+
+
+def _compile(model, **options):
+    return torch.compile(model, backend="torchtrt_ext", options=options or None)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_zoo_matches_eager(name, device):
+    model = zoo.build(name, device)
+    compiled = _compile(model, engine="builtin")
+    with torch.no_grad():
+        for batch in (3, 5):
+            args, kwargs = zoo.inputs(name, batch, device)
+            zoo.assert_matches(compiled(*args, **kwargs), model(*args, **kwargs), torch.float32)
+    engines = torchtrt_ext.engines_of(model)
+    assert engines and all(e.kind == "builtin" for e in engines)
+    if name == "graph_break":
+        assert len(engines) >= 2, "a graph break must give one engine per captured graph"
+
+
+@pytest.mark.parametrize("name", ["mlp", "encoder"])
+def test_bfloat16_on_cpu(name):
+    model = zoo.build(name, "cpu", torch.bfloat16)
+    compiled = _compile(model)
+    with torch.no_grad():
+        args, kwargs = zoo.inputs(name, 4, "cpu", torch.bfloat16)
+        zoo.assert_matches(compiled(*args, **kwargs), model(*args, **kwargs), torch.bfloat16)
+
+
+def test_engine_weights_are_the_models_by_state_dict_name():
+    model = zoo.build("buffers")
+    compiled = _compile(model)
+    with torch.no_grad():
+        compiled(*zoo.inputs("buffers", 4)[0])
+    (engine,) = torchtrt_ext.engines_of(model)
+    weights = engine.named_weights()
+    state = model.state_dict()
+    used = {"fc.weight", "fc.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "scale"}
+    assert used <= set(weights)
+    for name in used:
+        assert torch.equal(weights[name], state[name])
+        assert weights[name].data_ptr() == state[name].data_ptr(), "the engine must not copy the weights"
+    mem = engine.memory()
+    expected = sum(state[n].numel() * state[n].element_size() for n in used) + model.shift.numel() * 4
+    assert mem.weight_bytes == expected
+    assert mem.shared_bytes == mem.weight_bytes and mem.owned_bytes == 0
+
+
+def test_dynamic_batch_reuses_one_engine_after_dynamo_marks_it_dynamic():
+    model = zoo.build("mlp")
+    compiled = _compile(model)
+    with torch.no_grad():
+        for batch in (2, 3, 7, 11):
+            (x,), _ = zoo.inputs("mlp", batch)
+            zoo.assert_matches(compiled(x), model(x), torch.float32)
+    # batch 2 compiles static, batch 3 makes dynamo mark the batch dynamic; 7 and 11 reuse that graph
+    assert len(torchtrt_ext.engines_of(model)) == 2
+
+
+def test_outputs_do_not_track_gradients_even_with_grad_enabled():
+    model = zoo.build("mlp")
+    compiled = _compile(model)
+    x = torch.randn(4, 32, requires_grad=True)
+    out = compiled(x)
+    assert not out.requires_grad
+    zoo.assert_matches(out, model(x).detach(), torch.float32)
+
+
+def test_unknown_option_through_torch_compile_names_it():
+    compiled = _compile(zoo.build("mlp"), cuda_graph=True)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as e:
+        compiled(torch.randn(2, 32))
+    assert isinstance(e.value.inner_exception, OptionError)
+    assert "OptionError: unknown option 'cuda_graph'. Did you mean 'cuda_graphs'?" in str(e.value)
+
+
+def test_bad_value_through_torch_compile_names_it():
+    compiled = _compile(zoo.build("mlp"), engine="fast")
+    with pytest.raises(Exception, match="option 'engine' must be one of 'auto', 'builtin', 'tensorrt', got 'fast'"):
+        compiled(torch.randn(2, 32))
+
+
+def test_cuda_graphs_on_cpu_is_refused():
+    compiled = _compile(zoo.build("mlp"), cuda_graphs=True)
+    with pytest.raises(Exception, match="cuda_graphs=True needs a CUDA engine, but this one runs on cpu"):
+        compiled(torch.randn(2, 32))
+
+
+class _TwoDevices(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.here = torch.nn.Linear(4, 4)
+        self.there = torch.nn.Linear(4, 4, device="meta")
+
+    def forward(self, x, y):
+        return self.here(x), self.there(y)
+
+
+def test_weights_on_several_devices_are_refused():
+    compiled = _compile(_TwoDevices())
+    with pytest.raises(Exception, match=r"the model's weights are on several devices \(cpu: here.weight, here.bias; meta"):
+        compiled(torch.randn(2, 4), torch.randn(2, 4, device="meta"))
+
+
+def _run_fresh(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_backend_name_works_without_importing_the_package():
+    """The torch_dynamo_backends entry point (or, from a source tree, nothing) makes the name resolvable."""
+    result = _run_fresh(
+        """
+        import sys, torch
+        m = torch.nn.Linear(8, 8).eval()
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            out = torch.compile(m, backend="torchtrt_ext")(x)
+        torch.testing.assert_close(out, m(x).detach(), rtol=1e-5, atol=1e-5)
+        assert "torchtrt_ext" in sys.modules  # loaded by dynamo through the entry point
+        import torchtrt_ext                    # importing afterwards must not re-register
+        with torch.no_grad():
+            out = torch.compile(torch.nn.Linear(8, 2), backend="torchtrt_ext")(x)
+        print("ok", out.shape)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok torch.Size([3, 2])" in result.stdout
+
+
+def test_backend_name_works_after_import():
+    result = _run_fresh(
+        """
+        import torch, torchtrt_ext
+        assert "torchtrt_ext" in torch._dynamo.list_backends()
+        m = torch.nn.Linear(8, 8).eval()
+        with torch.no_grad():
+            out = torch.compile(m, backend="torchtrt_ext", options={"engine": "builtin"})(torch.ones(2, 8) * 0.5)
+        assert len(torchtrt_ext.engines_of(m)) == 1
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok" in result.stdout

@@ -1,0 +1,89 @@
+"""The C++ runtime (torchtrt_ext._C.Runner) on the CPU: device checks, execution slots, threads."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from torchtrt_ext import InputError, _runtime
+from torchtrt_ext._runtime import Runner
+
+
+def test_run_passes_inputs_and_a_slot_and_returns_the_result():
+    runner = Runner("cpu", 4)
+    x = torch.randn(3)
+    out = runner.run(lambda inputs, slot: (inputs[0] * 2, slot), (x,))
+    assert torch.equal(out[0], x * 2) and out[1] == 0
+    assert runner.device == "cpu" and runner.max_slots == 4 and runner.slots_created == 1
+
+
+def test_input_on_another_device_is_named():
+    runner = Runner("cpu", 1)
+    with pytest.raises(InputError) as e:
+        runner.run(lambda inputs, slot: None, (torch.ones(2), 3, torch.ones(2, device="meta")))
+    assert str(e.value) == (
+        "input 2 is on meta but the engine runs on cpu; every tensor input must be on cpu (move it with .to('cpu'))"
+    )
+
+
+def test_cpu_scalars_mix_with_any_device():
+    runner = Runner("cpu", 1)
+    assert runner.run(lambda inputs, slot: len(inputs), (torch.tensor(2.0), torch.ones(3))) == 2
+
+
+def test_an_exception_in_the_engine_propagates_and_frees_the_slot():
+    runner = Runner("cpu", 1)
+
+    def boom(inputs, slot):
+        raise KeyError("engine failed")
+
+    for _ in range(5):
+        with pytest.raises(KeyError, match="engine failed"):
+            runner.run(boom, ())
+    assert runner.run(lambda inputs, slot: slot, ()) == 0  # the single slot was released every time
+
+
+def test_bad_arguments():
+    with pytest.raises(RuntimeError, match="max_slots must be at least 1, got 0"):
+        Runner("cpu", 0)
+    with pytest.raises(RuntimeError, match="engines run on cpu or cuda devices, got meta"):
+        Runner("meta", 1)
+
+
+@pytest.mark.skipif(_runtime.built_with_cuda, reason="this build has CUDA")
+def test_cpu_build_refuses_cuda_engines_with_the_fix():
+    with pytest.raises(RuntimeError, match="built without CUDA .* Rebuild with CUDA_HOME set"):
+        Runner("cuda:0", 1)
+
+
+def test_threads_never_share_a_slot_and_wait_when_all_are_busy():
+    runner = Runner("cpu", 2)
+    lock = threading.Lock()
+    active: dict[int, int] = {}
+    peak = [0]
+    errors = []
+
+    def engine(inputs, slot):
+        with lock:
+            if slot in active:
+                errors.append(f"slot {slot} used by two callers at once")
+            active[slot] = threading.get_ident()
+            peak[0] = max(peak[0], len(active))
+        time.sleep(0.002)  # releases the GIL: other threads reach the runner meanwhile
+        with lock:
+            del active[slot]
+        return slot
+
+    def worker():
+        for _ in range(50):
+            runner.run(engine, ())
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert peak[0] == 2  # both slots were in use at once, never more
+    assert runner.slots_created == 2

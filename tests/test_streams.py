@@ -1,0 +1,150 @@
+"""The stream-following runtime on CUDA: any stream, concurrent streams, CUDA-graph capture."""
+
+import threading
+
+import pytest
+import torch
+
+import torchtrt_ext
+from tests import stress_streams, zoo
+
+pytestmark = pytest.mark.cuda
+
+
+def test_relu_repro_default_and_custom_streams_exact_1000_times():
+    """The Torch-TensorRT bug: fp16 ReLU outputs all zeros at random under torch.cuda.stream(s)."""
+    model = torch.nn.ReLU()
+    compiled = torch.compile(model, backend="torchtrt_ext", dynamic=False)
+    base = torch.randn(1, 3, 2160, 3840, dtype=torch.half, device="cuda")
+    custom = torch.cuda.Stream()
+    wrong = {"default": torch.zeros((), dtype=torch.long, device="cuda"),
+             "custom": torch.zeros((), dtype=torch.long, device="cuda")}
+    custom.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad():
+        for i in range(1000):
+            where = "custom" if i % 2 else "default"
+            stream = custom if i % 2 else torch.cuda.default_stream()
+            with torch.cuda.stream(stream):
+                x = base * (1.0 + (i % 7) / 8)  # a fresh input produced on the caller's stream
+                y = compiled(x)
+                wrong[where] += (y != torch.relu(x)).sum()
+    torch.cuda.synchronize()
+    assert wrong["default"].item() == 0 and wrong["custom"].item() == 0
+
+
+def test_stress_threads_and_streams_zero_wrong_outputs():
+    result = stress_streams.run(calls=10_000, threads=4)
+    assert result["calls"] == 10_000
+    assert result["wrong"] == 0
+
+
+@pytest.mark.parametrize("capture_stream", ["given", "torch_default"])
+def test_cuda_graph_capture_on_a_custom_stream_replays_correctly(capture_stream):
+    model = zoo.build("encoder", "cuda")
+    compiled = torch.compile(model, backend="torchtrt_ext", dynamic=False)
+    static_x = torch.randn(4, 12, 64, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.no_grad():
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                compiled(static_x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s if capture_stream == "given" else None):
+            static_y = compiled(static_x)
+        for _ in range(10):
+            static_x.copy_(torch.randn(4, 12, 64, device="cuda"))
+            graph.replay()
+            torch.cuda.synchronize()
+            zoo.assert_matches(static_y, model(static_x), torch.float32)
+
+
+def test_each_concurrent_stream_gets_its_own_slot():
+    model = zoo.build("mlp", "cuda")
+    compiled = torchtrt_ext.compile(model, (torch.randn(4, 32, device="cuda"),))
+    engine = compiled.engines[0]
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    seen: dict[int, set[int]] = {}
+    original = engine._execute
+
+    def spy(inputs, slot):
+        seen.setdefault(torch.cuda.current_stream().stream_id, set()).add(slot)
+        return original(inputs, slot)
+
+    engine._execute = spy
+    with torch.no_grad():
+        for _ in range(5):
+            for s in streams:
+                with torch.cuda.stream(s):
+                    compiled(torch.randn(4, 32, device="cuda"))
+    torch.cuda.synchronize()
+    assert len(seen) == 3
+    slots = [next(iter(v)) for v in seen.values()]
+    assert all(len(v) == 1 for v in seen.values()), "a stream kept its slot"
+    assert len(set(slots)) == 3, "different streams, different slots"
+
+
+def test_default_stream_caller_sees_outputs_and_engine_sees_inputs():
+    """Legacy default stream: the engine runs on a fenced side stream; results are ordered for the caller."""
+    model = zoo.build("cnn", "cuda")
+    compiled = torch.compile(model, backend="torchtrt_ext", dynamic=False)
+    with torch.no_grad():
+        x0 = torch.randn(8, 3, 16, 16, device="cuda")
+        compiled(x0)
+        torch.cuda.synchronize()
+        for _ in range(50):
+            torch.cuda._sleep(200_000)  # keep the default stream busy: an unfenced engine would race
+            x = torch.randn(8, 3, 16, 16, device="cuda")
+            y = compiled(x)
+            assert torch.cuda.current_stream() == torch.cuda.default_stream()
+            zoo.assert_matches(y, model(x), torch.float32)
+
+
+def test_engine_error_on_side_stream_leaves_the_engine_usable():
+    model = zoo.build("mlp", "cuda")
+    compiled = torchtrt_ext.compile(model, (torch.randn(4, 32, device="cuda"),))
+    engine = compiled.engines[0]
+    with torch.no_grad():
+        with pytest.raises(Exception):
+            engine(torch.randn(4, 31, device="cuda"))  # wrong width: Inductor's shape assertion
+        x = torch.randn(4, 32, device="cuda")
+        zoo.assert_matches(compiled(x), model(x), torch.float32)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+def test_threads_on_one_engine_never_share_a_slot():
+    model = zoo.build("mlp", "cuda")
+    compiled = torchtrt_ext.compile(model, (torch.randn(4, 32, device="cuda"),))
+    engine = compiled.engines[0]
+    lock = threading.Lock()
+    active: set[int] = set()
+    clashes = []
+    original = engine._execute
+
+    def spy(inputs, slot):
+        with lock:
+            if slot in active:
+                clashes.append(slot)
+            active.add(slot)
+        try:
+            return original(inputs, slot)
+        finally:
+            with lock:
+                active.discard(slot)
+
+    engine._execute = spy
+
+    def worker():
+        s = torch.cuda.Stream()
+        with torch.no_grad(), torch.cuda.stream(s):
+            for _ in range(200):
+                compiled(torch.randn(4, 32, device="cuda"))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    assert not clashes

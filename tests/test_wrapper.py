@@ -1,0 +1,212 @@
+"""torchtrt_ext.compile(model, ...): a drop-in nn.Module with the same signature and answers."""
+
+import logging
+
+import pytest
+import torch
+
+import torchtrt_ext
+from tests import zoo
+from tests.conftest import CPU_AND_CUDA
+from torchtrt_ext import CompiledModule, InputError, TorchTRTExtError
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_zoo_matches_eager(name, device):
+    model = zoo.build(name, device)
+    args, kwargs = zoo.inputs(name, 4, device)
+    compiled = torchtrt_ext.compile(model, args, kwargs, engine="builtin")
+    assert isinstance(compiled, torch.nn.Module)
+    with torch.no_grad():
+        for batch in (4, 6, 9):
+            args, kwargs = zoo.inputs(name, batch, device)
+            zoo.assert_matches(compiled(*args, **kwargs), model(*args, **kwargs), torch.float32)
+    assert compiled.engines and all(e.kind == "builtin" for e in compiled.engines)
+    if name != "graph_break":  # export captures it whole; batch 6 and 9 reuse the dynamic-batch engine
+        assert len(compiled._variants) == 1 and compiled._dynamo is None
+
+
+def test_graph_break_falls_back_to_dynamo_and_says_why(caplog):
+    model = zoo.build("graph_break")
+    with caplog.at_level(logging.WARNING, logger="torchtrt_ext"):
+        compiled = torchtrt_ext.compile(model, zoo.inputs("graph_break", 4)[0])
+    assert "torch.export could not capture GraphBreak.forward" in caplog.text
+    assert compiled._dynamo is not None and len(compiled.engines) >= 2
+    with torch.no_grad():
+        for _ in range(4):  # both sides of the branch
+            (x,), _ = zoo.inputs("graph_break", 5)
+            zoo.assert_matches(compiled(x), model(x), torch.float32)
+
+
+def test_frontend_export_refuses_to_fall_back():
+    model = zoo.build("graph_break")
+    with pytest.raises(Exception, match="(?i)data.dependent"):
+        torchtrt_ext.compile(model, zoo.inputs("graph_break", 4)[0], frontend="export")
+
+
+def test_frontend_dynamo_is_used_when_asked():
+    model = zoo.build("mlp")
+    compiled = torchtrt_ext.compile(model, zoo.inputs("mlp", 3)[0], frontend="dynamo")
+    assert compiled._dynamo is not None and not compiled._variants
+    (x,), _ = zoo.inputs("mlp", 3)
+    with torch.no_grad():
+        zoo.assert_matches(compiled(x), model(x), torch.float32)
+
+
+def test_lazy_compile_on_first_call():
+    model = zoo.build("mlp")
+    compiled = torchtrt_ext.compile(model)
+    assert not compiled.engines
+    (x,), _ = zoo.inputs("mlp", 3)
+    with torch.no_grad():
+        zoo.assert_matches(compiled(x), model(x), torch.float32)
+    assert len(compiled.engines) == 1
+
+
+def test_keyword_order_does_not_matter_and_kwargs_change_signature():
+    model = zoo.build("multi_io")
+    (x, y), kw = zoo.inputs("multi_io", 4)
+    compiled = torchtrt_ext.compile(model, (x, y), kw)
+    with torch.no_grad():
+        zoo.assert_matches(compiled(x, y=y, scale=kw["scale"]), model(x, y, scale=kw["scale"]), torch.float32)
+        zoo.assert_matches(compiled(x, y), model(x, y), torch.float32)  # no scale: a second signature
+    assert len(compiled._variants) == 2
+
+
+def test_new_shapes_compile_variants_up_to_the_limit():
+    model = zoo.build("cnn")
+    compiled = torchtrt_ext.compile(model, max_variants=2)
+    with torch.no_grad():
+        for hw in (16, 20):  # spatial sizes are static: each is a new signature
+            x = torch.randn(2, 3, hw, hw)
+            zoo.assert_matches(compiled(x), model(x), torch.float32)
+        with pytest.raises(InputError) as e:
+            compiled(torch.randn(2, 3, 24, 24))
+    assert "fits none of the 2 compiled input signatures (against the first: input 0 dimension 2 is 24, compiled for 16)" in str(e.value)
+    assert "max_variants=2 is reached" in str(e.value)
+
+
+def test_state_dict_and_parameters_are_the_originals():
+    model = zoo.build("buffers")
+    compiled = torchtrt_ext.compile(model, zoo.inputs("buffers", 2)[0])
+    assert list(compiled.state_dict()) == list(model.state_dict())
+    for (n1, p1), (n2, p2) in zip(compiled.named_parameters(), model.named_parameters()):
+        assert n1 == n2 and p1 is p2
+    assert compiled.fc is model.fc
+    assert compiled.original is model
+    compiled.load_state_dict(model.state_dict())  # the original's checkpoint loads as is
+
+
+def test_attributes_of_the_original_are_reachable():
+    model = zoo.build("mlp")
+    model.config = {"hidden": 64}
+    compiled = torchtrt_ext.compile(model)
+    assert compiled.config == {"hidden": 64}
+    with pytest.raises(AttributeError):
+        compiled.no_such_attribute
+
+
+def test_engine_shares_the_models_memory():
+    model = zoo.build("cnn")
+    compiled = torchtrt_ext.compile(model, zoo.inputs("cnn", 2)[0])
+    mem = compiled.engines[0].memory()
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert mem.weight_bytes == total and mem.owned_bytes == 0
+
+
+def test_input_on_wrong_device_is_a_clear_error():
+    model = zoo.build("mlp")
+    compiled = torchtrt_ext.compile(model, zoo.inputs("mlp", 2)[0])
+    with pytest.raises(InputError) as e:
+        compiled(torch.randn(2, 32, device="meta"))
+    assert str(e.value) == (
+        "input 0 is on meta but the model's weights are on cpu; move the input with .to('cpu')"
+    )
+
+
+def test_wrong_dtype_raises_like_eager():
+    model = zoo.build("mlp")
+    compiled = torchtrt_ext.compile(model, zoo.inputs("mlp", 2)[0])
+    x = torch.randn(2, 32, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as eager_error:
+        model(x)
+    with pytest.raises(RuntimeError) as ours:
+        compiled(x)
+    assert "dtype" in str(eager_error.value) and "dtype" in str(ours.value)
+
+
+def test_training_mode_batchnorm_updates_statistics_like_eager():
+    model = zoo.build("cnn").train()
+    twin = zoo.build("cnn").train()
+    compiled = torchtrt_ext.compile(model, zoo.inputs("cnn", 4)[0])
+    with torch.no_grad():
+        for _ in range(3):
+            (x,), _ = zoo.inputs("cnn", 4)
+            zoo.assert_matches(compiled(x), twin(x), torch.float32)
+    for name, value in twin.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    assert int(model.bn1.num_batches_tracked) == 3
+
+
+class _Counting(torch.nn.Module):
+    """Updates a buffer and an input in place, the way a stateful module does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("total", torch.zeros(8))
+
+    def forward(self, x, acc):
+        self.calls += 1
+        y = self.fc(x)
+        self.total.add_(y.sum(0))
+        acc.mul_(0.5).add_(y)
+        return y * self.calls
+
+
+def test_in_place_updates_of_buffers_and_inputs_match_eager():
+    model, twin = _Counting(), _Counting()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(4, 8)
+    compiled = torchtrt_ext.compile(model, (x, torch.randn(4, 8)))
+    with torch.no_grad():
+        for _ in range(3):
+            x, acc = torch.randn(4, 8), torch.randn(4, 8)
+            acc_twin = acc.clone()
+            zoo.assert_matches(compiled(x, acc), twin(x, acc_twin), torch.float32)
+            torch.testing.assert_close(acc, acc_twin)
+    assert float(model.calls) == 3  # export traced with fake tensors: the real buffers untouched
+    torch.testing.assert_close(model.total, twin.total)
+
+
+def test_not_a_module_is_refused():
+    with pytest.raises(TypeError, match="torchtrt_ext.compile takes an nn.Module, got function"):
+        torchtrt_ext.compile(lambda x: x)
+
+
+def test_unknown_option_is_refused_before_tracing():
+    with pytest.raises(torchtrt_ext.OptionError, match="unknown option 'cudagraphs'. Did you mean 'cuda_graphs'?"):
+        torchtrt_ext.compile(zoo.build("mlp"), cudagraphs=True)
+
+
+def test_tied_weights_are_one_slot_with_both_names():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(8, 8)
+            self.dec = self.enc
+
+        def forward(self, x):
+            return self.dec(torch.relu(self.enc(x)))
+
+    model = Tied().eval()
+    x = torch.randn(3, 8)
+    compiled = torchtrt_ext.compile(model, (x,))
+    (engine,) = compiled.engines
+    weights = engine.named_weights()
+    assert weights["enc.weight"] is weights["dec.weight"]
+    with torch.no_grad():
+        zoo.assert_matches(compiled(x), model(x), torch.float32)
+    assert engine.memory().weight_bytes == (64 + 8) * 4

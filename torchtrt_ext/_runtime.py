@@ -1,0 +1,20 @@
+"""Loads the C++ runtime (torchtrt_ext._C). A failed load is an error that says how to fix it."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads the libtorch libraries that _C links against)
+
+from .errors import InputError
+
+try:
+    from . import _C
+except ImportError as exc:  # never hidden: nothing works without the runtime
+    raise ImportError(
+        f"torchtrt_ext's C++ runtime (torchtrt_ext._C) failed to load: {exc}. It is built when the "
+        "project is installed; from the project root run: pip install --no-build-isolation -e ."
+    ) from exc
+
+_C.set_input_error(InputError)
+
+Runner = _C.Runner
+built_with_cuda: bool = _C.built_with_cuda()

@@ -1,0 +1,33 @@
+"""The ``torchtrt-ext`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="torchtrt-ext", description="torchtrt_ext tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="compile a small model both ways and check it against eager")
+    demo.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    sub.add_parser("options", help="list the compile options")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    if args.command == "demo":
+        from . import demo as demo_module
+
+        return demo_module.run(args.device, args.dtype)
+    if args.command == "options":
+        from .settings import describe_options
+
+        print(describe_options())
+        return 0
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

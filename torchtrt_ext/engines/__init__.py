@@ -1,0 +1,50 @@
+"""Engine kinds behind one interface, and the choice between them."""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import EngineUnavailableError
+from ..lifting import LiftedGraph
+from ..settings import Settings
+from . import tensorrt
+from .base import Engine, MemoryUse
+from .builtin import BuiltinEngine
+
+log = logging.getLogger("torchtrt_ext")
+
+__all__ = ["Engine", "MemoryUse", "BuiltinEngine", "resolve_kind", "build_engine"]
+
+
+def resolve_kind(settings: Settings) -> str:
+    """The engine kind to build: settings.engine, with 'auto' resolved. Says at INFO what auto chose."""
+    if settings.engine == "builtin":
+        return "builtin"
+    reason = tensorrt.unavailable_reason()
+    if settings.engine == "tensorrt":
+        if reason is not None:
+            raise EngineUnavailableError(
+                f"engine='tensorrt' cannot be used: {reason}. Install torch-tensorrt (with TensorRT) "
+                "for this torch and a CUDA device, or use engine='builtin' (or 'auto', which falls back "
+                "to the built-in engine)"
+            )
+        return "tensorrt"
+    kind = "builtin" if reason is not None else "tensorrt"
+    _say_once(f"torchtrt_ext: engine='auto' picked {kind!r}" + (f" ({reason})" if reason else ""))
+    return kind
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.info(message)
+
+
+def build_engine(lifted: LiftedGraph, settings: Settings) -> Engine:
+    kind = resolve_kind(settings)
+    if kind == "builtin":
+        return BuiltinEngine(lifted, settings)
+    raise EngineUnavailableError(f"engine kind {kind!r} is not available")  # pragma: no cover

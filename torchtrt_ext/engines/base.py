@@ -1,0 +1,88 @@
+"""The engine interface: the spine every feature goes through, for both engine kinds.
+
+An engine takes the caller's inputs (tensors on its device, on the caller's current stream), returns
+the graph's outputs as a flat list, names its weights by the model's own state_dict names, and says
+how much device memory its weights take and whether that memory is shared with the model or is a copy.
+Every execution goes through the C++ runtime (``torchtrt_ext._C.Runner``), which follows the caller's
+stream and hands each concurrent stream its own execution slot.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+from .._runtime import Runner
+from ..settings import Settings
+
+# How many concurrently active streams an engine serves before a caller waits for a free slot.
+DEFAULT_MAX_SLOTS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryUse:
+    """Device memory held for an engine's weights.
+
+    weight_bytes counts each storage once (tied weights are not counted twice); shared_bytes is the
+    part that is the model's own memory (no copy); owned_bytes is what the engine adds on top.
+    """
+
+    device: torch.device
+    weight_bytes: int
+    shared_bytes: int
+
+    @property
+    def owned_bytes(self) -> int:
+        return self.weight_bytes - self.shared_bytes
+
+
+class Engine(abc.ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, device: torch.device, settings: Settings, max_slots: int = DEFAULT_MAX_SLOTS):
+        self.device = device
+        self.settings = settings
+        self._runner = Runner(str(device), max_slots)
+
+    def __call__(self, *inputs: Any) -> list[torch.Tensor]:
+        """Run the engine on the caller's current stream; inputs in graph order, outputs as a list."""
+        return self._runner.run(self._execute, inputs)
+
+    @abc.abstractmethod
+    def _execute(self, inputs: tuple[Any, ...], slot: int) -> list[torch.Tensor]:
+        """Run once on the current stream, using execution state `slot` (never shared at once)."""
+
+    @abc.abstractmethod
+    def named_weights(self) -> Mapping[str, torch.Tensor]:
+        """The engine's weights by state_dict name (tied weights appear under each of their names)."""
+
+    @abc.abstractmethod
+    def memory(self) -> MemoryUse:
+        """Device memory taken by the engine's weights."""
+
+
+def weight_memory(device: torch.device, tensors: Sequence[torch.Tensor], model_tensors: Sequence[torch.Tensor]) -> MemoryUse:
+    """Bytes of `tensors` on `device`, each storage once; shared_bytes where the storage is the model's."""
+    model_storages = {_storage_key(t) for t in model_tensors}
+    seen: set[tuple[int, int]] = set()
+    total = shared = 0
+    for t in tensors:
+        if t.device != device:
+            continue
+        key = _storage_key(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = t.untyped_storage().nbytes()
+        total += nbytes
+        if key in model_storages:
+            shared += nbytes
+    return MemoryUse(device, total, shared)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return (storage.data_ptr(), storage.nbytes())

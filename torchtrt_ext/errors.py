@@ -1,0 +1,19 @@
+"""The exceptions torchtrt_ext raises. Each message names the fault and, where there is one, the fix."""
+
+from __future__ import annotations
+
+
+class TorchTRTExtError(Exception):
+    """Base class of every error raised by torchtrt_ext."""
+
+
+class OptionError(TorchTRTExtError, ValueError):
+    """An option passed to the backend or to ``torchtrt_ext.compile`` is unknown or has a bad value."""
+
+
+class EngineUnavailableError(TorchTRTExtError, RuntimeError):
+    """The requested engine kind cannot run in this process (missing package, no CUDA device)."""
+
+
+class InputError(TorchTRTExtError, ValueError):
+    """A call passed inputs the engine cannot take (wrong device, mixed devices, wrong structure)."""

@@ -1,0 +1,184 @@
+"""Turn a captured graph into a ``LiftedGraph``: every parameter and buffer becomes a named weight slot.
+
+Both frontends end here. Dynamo hands the backend a graph whose placeholders mix user inputs with the
+module's parameters and buffers (each placeholder carries the dynamo ``Source`` it was read from);
+``torch.export`` hands an ``ExportedProgram`` whose graph signature names every lifted tensor. Either
+way the engine receives one description: which placeholder is which weight (by the model's own
+state_dict name), and which placeholders are the caller's inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+
+from .errors import TorchTRTExtError
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSlot:
+    position: int  # index of the placeholder in the graph
+    name: str  # state_dict name in the original model (export: also constants, by their attribute name)
+    tensor: torch.Tensor  # the model's own tensor at capture time
+    in_state_dict: bool = True  # False for non-persistent buffers and lifted constants
+    aliases: tuple[str, ...] = ()  # other names of the same tensor (tied weights)
+
+
+@dataclasses.dataclass
+class LiftedGraph:
+    gm: torch.fx.GraphModule
+    example_args: list[Any]  # one per placeholder, real or fake, for compilation
+    weights: list[WeightSlot]
+    input_positions: list[int]  # placeholders fed by the caller, in call order
+
+    @property
+    def num_placeholders(self) -> int:
+        return len(self.example_args)
+
+
+def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+# Dynamo sources that only wrap another source (markers of how a module was reached).
+_TRANSPARENT_SOURCES = ("NNModuleSource", "ParamBufferSource", "FSDPNNModuleSource")
+
+
+def _state_dict_name(source: Any) -> str | None:
+    """The state_dict name a dynamo source reads, relative to the compiled module, or None.
+
+    ``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``. A module reached through a
+    global keeps the global's name as prefix (``G['model']._modules['fc']...`` -> ``model.fc.weight``).
+    Anything that is not a parameter or buffer of a module (a plain tensor input, a tensor attribute
+    that is not registered) gives None.
+    """
+    from torch._dynamo.source import AttrSource, DictGetItemSource, GlobalSource, LocalSource
+
+    leaf = source
+    while type(leaf).__name__.endswith(_TRANSPARENT_SOURCES) and hasattr(leaf, "base"):
+        leaf = leaf.base
+    if not (
+        isinstance(leaf, DictGetItemSource)
+        and isinstance(leaf.base, AttrSource)
+        and leaf.base.member in ("_parameters", "_buffers")
+    ):
+        return None
+    parts: list[str] = []
+    node = source
+    while True:
+        if isinstance(node, DictGetItemSource) and isinstance(node.base, AttrSource) and node.base.member in (
+            "_modules",
+            "_parameters",
+            "_buffers",
+        ):
+            parts.append(str(node.index))
+            node = node.base.base
+        elif type(node).__name__.endswith(_TRANSPARENT_SOURCES) and hasattr(node, "base"):
+            node = node.base
+        elif isinstance(node, AttrSource):  # a submodule reached as a plain attribute
+            parts.append(node.member)
+            node = node.base
+        elif isinstance(node, LocalSource):
+            break
+        elif isinstance(node, GlobalSource):
+            parts.append(node.global_name)
+            break
+        else:
+            return None
+    return ".".join(reversed(parts))
+
+
+def _is_static_input(node: torch.fx.Node) -> bool:
+    return bool(node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"))
+
+
+def from_dynamo(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> LiftedGraph:
+    """Lift the graph dynamo hands a backend: its parameter/buffer placeholders become weights."""
+    nodes = _placeholders(gm)
+    if len(nodes) != len(example_inputs):
+        raise TorchTRTExtError(
+            f"dynamo gave {len(example_inputs)} example inputs for {len(nodes)} graph inputs"
+        )
+    weights: list[WeightSlot] = []
+    inputs: list[int] = []
+    for i, (node, value) in enumerate(zip(nodes, example_inputs)):
+        grapharg = node.meta.get("grapharg")
+        name = None
+        if isinstance(value, torch.Tensor) and grapharg is not None and _is_static_input(node):
+            name = _state_dict_name(grapharg.source)
+        if name is None:
+            inputs.append(i)
+        else:
+            weights.append(WeightSlot(i, name, value))
+    return LiftedGraph(gm, list(example_inputs), weights, inputs)
+
+
+def from_export(ep: torch.export.ExportedProgram) -> LiftedGraph:
+    """Lift an ExportedProgram: parameters, buffers and tensor constants become weights."""
+    from torch.export.graph_signature import InputKind
+
+    gm = ep.graph_module
+    nodes = _placeholders(gm)
+    specs = ep.graph_signature.input_specs
+    if len(nodes) != len(specs):
+        raise TorchTRTExtError(f"exported graph has {len(nodes)} inputs but {len(specs)} input specs")
+    weights: list[WeightSlot] = []
+    inputs: list[int] = []
+    for i, spec in enumerate(specs):
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append(i)
+        elif spec.kind == InputKind.PARAMETER:
+            weights.append(WeightSlot(i, spec.target, ep.state_dict[spec.target]))
+        elif spec.kind == InputKind.BUFFER:
+            if spec.persistent:
+                weights.append(WeightSlot(i, spec.target, ep.state_dict[spec.target]))
+            else:
+                weights.append(WeightSlot(i, spec.target, ep.constants[spec.target], in_state_dict=False))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            weights.append(WeightSlot(i, spec.target, ep.constants[spec.target], in_state_dict=False))
+        else:
+            raise TorchTRTExtError(
+                f"exported graph input {spec.arg.name!r} is a {spec.kind.name}, which torchtrt_ext "
+                "engines do not support (use frontend='dynamo')"
+            )
+    example_args = [n.meta["val"] for n in nodes]
+    return _merge_tied(LiftedGraph(gm, example_args, weights, inputs))
+
+
+def _merge_tied(lifted: LiftedGraph) -> LiftedGraph:
+    """Give each tensor one placeholder: a tied weight read under two names becomes one slot with an
+    alias, so the compiled graph sees every weight once (as dynamo's graphs already do)."""
+    first: dict[int, WeightSlot] = {}
+    aliases: dict[int, list[str]] = {}
+    dropped: set[int] = set()
+    nodes = _placeholders(lifted.gm)
+    for slot in lifted.weights:
+        key = id(slot.tensor)
+        if key not in first:
+            first[key] = slot
+            aliases[key] = []
+            continue
+        nodes[slot.position].replace_all_uses_with(nodes[first[key].position])
+        lifted.gm.graph.erase_node(nodes[slot.position])
+        aliases[key].append(slot.name)
+        dropped.add(slot.position)
+    if not dropped:
+        return lifted
+    lifted.gm.recompile()
+    new_index = {}
+    for old in range(len(nodes)):
+        if old not in dropped:
+            new_index[old] = len(new_index)
+    weights = [
+        dataclasses.replace(s, position=new_index[s.position], aliases=tuple(aliases[id(s.tensor)]))
+        for s in first.values()
+    ]
+    return LiftedGraph(
+        lifted.gm,
+        [a for i, a in enumerate(lifted.example_args) if i not in dropped],
+        weights,
+        [new_index[i] for i in lifted.input_positions],
+    )

@@ -1,0 +1,138 @@
+"""Typed, validated settings shared by the ``torch.compile`` backend and the drop-in wrapper.
+
+Unknown names and bad values are errors that name the option and list what is valid: nothing is
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Mapping
+
+from .errors import OptionError
+
+ENGINE_KINDS = ("auto", "builtin", "tensorrt")
+FRONTENDS = ("auto", "export", "dynamo")
+
+
+def _option(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    minimum: int | None = None,
+    wrapper_only: bool = False,
+):
+    metadata = {"doc": doc, "choices": choices, "minimum": minimum, "wrapper_only": wrapper_only}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    engine: str = _option(
+        "auto",
+        "which engine runs the graph: 'builtin' (PyTorch + Inductor), 'tensorrt' (torch_tensorrt), "
+        "or 'auto' (TensorRT when it imports and a CUDA device is present, else builtin)",
+        choices=ENGINE_KINDS,
+    )
+    cuda_graphs: bool = _option(
+        False, "replay the engine's kernels as CUDA graphs (Inductor's CUDA-graph mode); for small batches"
+    )
+    frontend: str = _option(
+        "auto",
+        "how the drop-in wrapper captures the graph: 'export' (torch.export), 'dynamo' (torch.compile's "
+        "tracer, allows graph breaks) or 'auto' (export, falling back to dynamo when export fails)",
+        choices=FRONTENDS,
+        wrapper_only=True,
+    )
+    dynamic_batch: bool = _option(
+        True, "drop-in wrapper with torch.export: let dimension 0 of every tensor input vary", wrapper_only=True
+    )
+    max_variants: int = _option(
+        8,
+        "drop-in wrapper: most input signatures compiled before a new one is an error",
+        minimum=1,
+        wrapper_only=True,
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+
+    @classmethod
+    def from_options(
+        cls, options: Mapping[str, Any] | None = None, *, for_backend: bool = False, **more: Any
+    ) -> "Settings":
+        """Build settings from an options mapping (``torch.compile(..., options=...)``) and keywords.
+
+        for_backend: the torch.compile backend refuses the options that only the drop-in wrapper uses.
+        """
+        if options is not None and not isinstance(options, Mapping):
+            raise OptionError(
+                f"options must be a dict of option name to value, got {type(options).__name__}. "
+                f"Valid options: {', '.join(option_names())}"
+            )
+        merged = dict(options or {})
+        for name, value in more.items():
+            if name in merged:
+                raise OptionError(f"option {name!r} was given twice (in options and as a keyword)")
+            merged[name] = value
+        for name in merged:
+            if not isinstance(name, str) or name not in _FIELDS:
+                raise OptionError(_unknown_message(name))
+            if for_backend and _FIELDS[name].metadata["wrapper_only"]:
+                raise OptionError(
+                    f"option {name!r} applies to torchtrt_ext.compile(...) only, not to the "
+                    "torch.compile backend (which always captures with dynamo)"
+                )
+        return cls(**merged)
+
+    def replace(self, **changes: Any) -> "Settings":
+        for name in changes:
+            if name not in _FIELDS:
+                raise OptionError(_unknown_message(name))
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def option_names() -> list[str]:
+    return sorted(_FIELDS)
+
+
+def describe_options() -> str:
+    """One line per option: name, type, default and what it does."""
+    lines = []
+    for f in dataclasses.fields(Settings):
+        kind = "|".join(repr(c) for c in f.metadata["choices"]) if f.metadata["choices"] else f.type
+        lines.append(f"{f.name} ({kind}, default {f.default!r}): {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def _unknown_message(name: Any) -> str:
+    close = difflib.get_close_matches(str(name), option_names(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown option {name!r}.{hint} Valid options: {', '.join(option_names())}"
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    expected = {"bool": bool, "int": int, "str": str}[f.type]
+    # bool is a subclass of int: an int option refuses True/False, a bool option refuses 0/1.
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        article = "an" if f.type[0] in "aeiou" else "a"
+        raise OptionError(
+            f"option {f.name!r} must be {article} {f.type}, got {type(value).__name__} {value!r}"
+        )
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise OptionError(
+            f"option {f.name!r} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        )
+    minimum = f.metadata["minimum"]
+    if minimum is not None and value < minimum:
+        raise OptionError(f"option {f.name!r} must be at least {minimum}, got {value!r}")

@@ -1,0 +1,233 @@
+"""The drop-in wrapper: ``torchtrt_ext.compile(model, example_inputs=...)`` returns an ``nn.Module``.
+
+The returned module takes the same arguments and returns the same structure as the original, and
+shares the original's parameters, buffers and submodules (so ``state_dict()``, ``parameters()`` and
+``load_state_dict`` see the same names and tensors). Calls run on engines built from ``torch.export``
+graphs, one per input signature (structure, dtypes, devices, static sizes, dynamic-size ranges): a
+call that fits none gets a new variant, up to ``max_variants``. When export cannot capture the model
+(``frontend='auto'``), the wrapper falls back to dynamo, which splits the graph at unsupported code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from . import lifting, registry
+from .backend import torchtrt_ext_backend
+from .engines import Engine, build_engine, resolve_kind
+from .errors import InputError, TorchTRTExtError
+from .settings import Settings
+from .signature import InputSignature
+
+log = logging.getLogger("torchtrt_ext")
+
+
+class _Variant:
+    """One compiled input signature: its engine, the in-place updates its graph returns first (the
+    model's buffers, such as BatchNorm statistics in training mode, or caller inputs changed in place),
+    and the structure of the outputs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        signature: InputSignature,
+        out_spec: pytree.TreeSpec,
+        updates: Sequence[torch.Tensor | int],
+    ):
+        self.engine = engine
+        self.signature = signature
+        self.out_spec = out_spec
+        self._updates = list(updates)  # per leading graph output: a model buffer, or a caller-input index
+
+    def __call__(self, flat: Sequence[Any]) -> Any:
+        outputs = self.engine(*flat)
+        if self._updates:
+            with torch.no_grad():
+                for target, value in zip(self._updates, outputs):
+                    (flat[target] if isinstance(target, int) else target).copy_(value)
+            outputs = outputs[len(self._updates) :]
+        return pytree.tree_unflatten(outputs, self.out_spec)
+
+
+class CompiledModule(torch.nn.Module):
+    """An ``nn.Module`` that runs the original module's forward on torchtrt_ext engines."""
+
+    def __init__(self, module: torch.nn.Module, settings: Settings):
+        super().__init__()
+        # Share the original's structure: parameters, buffers and submodules are the original's own.
+        self._parameters = module._parameters
+        self._buffers = module._buffers
+        self._non_persistent_buffers_set = module._non_persistent_buffers_set
+        self._modules = module._modules
+        self.training = module.training
+        self.__dict__["_original"] = module  # not a submodule: state_dict names stay the original's
+        self.settings = settings
+        self._variants: list[_Variant] = []
+        self._dynamo: Any = None
+        self._forward_signature = inspect.signature(module.forward)
+
+    @property
+    def original(self) -> torch.nn.Module:
+        return self.__dict__["_original"]
+
+    @property
+    def engines(self) -> list[Engine]:
+        """The engines serving this module (one per compiled variant, or per dynamo graph)."""
+        if self._dynamo is not None:
+            return registry.engines_of(self.original)
+        return [v.engine for v in self._variants]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)  # e.g. a Hugging Face model's .config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._dynamo is not None:
+            return self._dynamo(*args, **kwargs)
+        args, kwargs = self._normalize(args, kwargs)
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        for variant in self._variants:
+            if variant.signature.mismatch(spec, flat) is None:
+                return variant(flat)
+        variant = self._add_variant(args, kwargs, flat, spec)
+        return self._dynamo(*args, **kwargs) if variant is None else variant(flat)
+
+    def _normalize(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """One form per call: arguments that can be positional are, the rest sorted by name."""
+        if not kwargs:
+            return args, kwargs
+        try:
+            bound = self._forward_signature.bind(*args, **kwargs)
+        except TypeError:
+            return args, dict(sorted(kwargs.items()))  # the forward itself will say what is wrong
+        return bound.args, dict(sorted(bound.kwargs.items()))
+
+    def _add_variant(self, args: tuple, kwargs: dict, flat: list, spec: pytree.TreeSpec) -> _Variant | None:
+        self._check_devices(flat)
+        if len(self._variants) >= self.settings.max_variants:
+            reason = self._variants[0].signature.mismatch(spec, flat)
+            raise InputError(
+                f"this call fits none of the {len(self._variants)} compiled input signatures (against the "
+                f"first: {reason}) and max_variants={self.settings.max_variants} is reached; raise "
+                "max_variants or call with inputs like those already compiled"
+            )
+        first = not self._variants
+        if self.settings.frontend == "dynamo":
+            self._use_dynamo()
+            return None
+        try:
+            ep = self._export(args, kwargs)
+        except Exception as exc:
+            if self.settings.frontend == "export" or not first:
+                raise
+            log.warning(
+                "torchtrt_ext: torch.export could not capture %s.forward (%s); using dynamo, which splits "
+                "the graph at the code export cannot trace",
+                type(self.original).__name__,
+                _first_line(exc),
+            )
+            self._use_dynamo()
+            return None
+        updates = self._updates(ep)
+        lifted = lifting.from_export(ep)
+        engine = build_engine(lifted, self.settings)
+        registry.add(engine, [w.tensor for w in lifted.weights])
+        signature = InputSignature(
+            spec, [lifted.example_args[i] for i in lifted.input_positions], ep.range_constraints
+        )
+        variant = _Variant(engine, signature, ep.call_spec.out_spec, updates)
+        if not first:
+            log.info(
+                "torchtrt_ext: compiled input signature %d of at most %d for %s",
+                len(self._variants) + 1,
+                self.settings.max_variants,
+                type(self.original).__name__,
+            )
+        self._variants.append(variant)
+        return variant
+
+    def _export(self, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+        dynamic = None
+        if self.settings.dynamic_batch:
+            dims = torch.export.ShapesCollection()
+            for leaf in pytree.tree_leaves((args, kwargs)):
+                if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                    dims[leaf] = {0: torch.export.Dim.AUTO}
+            dynamic = dims.dynamic_shapes(self.original, args, kwargs)
+        return torch.export.export(self.original, args, kwargs, dynamic_shapes=dynamic, strict=False)
+
+    def _updates(self, ep: torch.export.ExportedProgram) -> list[torch.Tensor | int]:
+        """What the graph writes back, in output order: a model buffer, or the index of a caller input."""
+        from torch.export.graph_signature import InputKind, OutputKind
+
+        user_inputs = [spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+        updates: list[torch.Tensor | int] = []
+        for spec in ep.graph_signature.output_specs:
+            if spec.kind == OutputKind.BUFFER_MUTATION:
+                updates.append(self.original.get_buffer(spec.target))
+            elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+                updates.append(user_inputs.index(spec.target))
+            elif spec.kind != OutputKind.USER_OUTPUT:
+                raise TorchTRTExtError(
+                    f"{type(self.original).__name__}.forward has a graph output of kind {spec.kind.name}, which "
+                    "the drop-in wrapper does not support (use frontend='dynamo')"
+                )
+        return updates
+
+    def _use_dynamo(self) -> None:
+        backend = functools.partial(torchtrt_ext_backend, options=self.settings)
+        self._dynamo = torch.compile(self.original, backend=backend)
+
+    def _check_devices(self, flat: Sequence[Any]) -> None:
+        weight = next(itertools.chain(self.original.parameters(), self.original.buffers()), None)
+        if weight is None:
+            return
+        for i, leaf in enumerate(flat):
+            if isinstance(leaf, torch.Tensor) and leaf.device != weight.device and not (
+                leaf.device.type == "cpu" and leaf.dim() == 0
+            ):
+                raise InputError(
+                    f"input {i} is on {leaf.device} but the model's weights are on {weight.device}; "
+                    f"move the input with .to('{weight.device}')"
+                )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def compile(
+    module: torch.nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> CompiledModule:
+    """Compile `module` into an ``nn.Module`` with the same call signature, run by torchtrt_ext engines.
+
+    example_inputs / example_kwargs: a call to compile for now; without them the first call compiles.
+    options: see ``torchtrt_ext.describe_options()``.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"torchtrt_ext.compile takes an nn.Module, got {type(module).__name__}")
+    settings = Settings.from_options(options)
+    resolve_kind(settings)  # an unusable engine kind fails here, before any tracing
+    compiled = CompiledModule(module, settings)
+    if example_inputs is not None or example_kwargs is not None:
+        if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+            example_inputs = (example_inputs,)
+        args, kwargs = compiled._normalize(tuple(example_inputs or ()), dict(example_kwargs or {}))
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if compiled._add_variant(args, kwargs, flat, spec) is None:
+            with torch.no_grad():
+                compiled._dynamo(*args, **kwargs)  # dynamo compiles on its first call
+    return compiled
