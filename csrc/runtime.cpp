@@ -27,6 +27,7 @@
 #include <mutex>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -46,12 +47,13 @@ namespace {
 
 constexpr int64_t kNoStream = -1;
 
-PyObject* g_input_error = PyExc_ValueError;  // replaced by torchtrt_ext.errors.InputError at import
+PyObject* g_input_error = nullptr;  // torchtrt_ext.errors.InputError, set at import (else ValueError)
 
-[[noreturn]] void raise_input_error(const std::string& message) {
-  PyErr_SetString(g_input_error, message.c_str());
-  throw py::error_already_set();
-}
+// Thrown for inputs the engine cannot take; pybind11 turns it into g_input_error (see PYBIND11_MODULE).
+class InputDeviceError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 struct Slot {
   bool busy = false;
@@ -260,7 +262,7 @@ class Runner {
       msg << "input " << i << " is on " << device_string(t.device()) << " but the engine runs on "
           << device_string(device_) << "; every tensor input must be on " << device_string(device_)
           << " (move it with .to('" << device_string(device_) << "'))";
-      raise_input_error(msg.str());
+      throw InputDeviceError(msg.str());
     }
   }
 
@@ -358,6 +360,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "torchtrt_ext runtime: stream-following execution of engines";
   m.def("built_with_cuda", &torchtrt_ext::built_with_cuda,
         "True when this extension was built against CUDA (streams, events, side streams).");
+  py::register_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const torchtrt_ext::InputDeviceError& e) {
+      PyErr_SetString(torchtrt_ext::g_input_error ? torchtrt_ext::g_input_error : PyExc_ValueError, e.what());
+    }
+  });
   m.def(
       "set_input_error",
       [](py::object cls) {
