@@ -16,9 +16,12 @@ import time
 
 import torch
 
+# name -> (module, function)
 BENCHMARKS = {
-    "engine": "benchmarks.bench_engine",
-    "streams": "benchmarks.bench_streams",
+    "engine": ("benchmarks.bench_engine", "run"),
+    "engine_llama": ("benchmarks.bench_engine", "run_llama"),
+    "engine_resnet50": ("benchmarks.bench_engine", "run_resnet50"),
+    "streams": ("benchmarks.bench_streams", "run"),
 }
 
 
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.names:
         start = time.perf_counter()
         try:
-            rows = importlib.import_module(BENCHMARKS[name]).run(device, quick=args.quick)
+            module, function = BENCHMARKS[name]
+            rows = getattr(importlib.import_module(module), function)(device, quick=args.quick)
         except Exception as exc:  # report and go on with the next benchmark
             failed += 1
             print(f"benchmark {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)

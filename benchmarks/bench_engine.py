@@ -20,25 +20,27 @@ from benchmarks.timing import latency_ms
 DTYPE = torch.float16
 
 
-def _cases(quick: bool):
-    yield "resnet50", 1, lambda dev: models.resnet50(dev, DTYPE), lambda dev, b: torch.randn(b, 3, 224, 224, device=dev, dtype=DTYPE)
-    if not quick:
-        yield "resnet50", 32, lambda dev: models.resnet50(dev, DTYPE), lambda dev, b: torch.randn(b, 3, 224, 224, device=dev, dtype=DTYPE)
-        yield (
-            "llama-1.1b",
-            1,
-            lambda dev: models.LogitsOnly(models.llama(dev, DTYPE)),
-            lambda dev, b: torch.randint(0, models.LLAMA_CONFIG["vocab_size"], (b, 128), device=dev),
-        )
+def _cases(models_wanted: tuple[str, ...], quick: bool):
+    def resnet_input(dev, b):
+        return torch.randn(b, 3, 224, 224, device=dev, dtype=DTYPE)
+
+    def llama_input(dev, b):
+        return torch.randint(0, models.LLAMA_CONFIG["vocab_size"], (b, 128), device=dev)
+
+    if "llama" in models_wanted and not quick:
+        yield "llama-1.1b", 1, lambda dev: models.LogitsOnly(models.llama(dev, DTYPE)), llama_input
+    if "resnet50" in models_wanted:
+        for batch in (1,) if quick else (1, 32):
+            yield "resnet50", batch, lambda dev: models.resnet50(dev, DTYPE), resnet_input
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def run(device: torch.device, quick: bool = False) -> list[dict]:
+def run(device: torch.device, quick: bool = False, models_wanted: tuple[str, ...] = ("llama", "resnet50")) -> list[dict]:
     rows = []
-    for name, batch, make_model, make_input in _cases(quick):
+    for name, batch, make_model, make_input in _cases(models_wanted, quick):
         torch._dynamo.reset()
         model = make_model(device)
         x = make_input(device, batch)
@@ -80,3 +82,11 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
     return rows
+
+
+def run_llama(device: torch.device, quick: bool = False) -> list[dict]:
+    return run(device, quick, ("llama",))
+
+
+def run_resnet50(device: torch.device, quick: bool = False) -> list[dict]:
+    return run(device, quick, ("resnet50",))

@@ -24,17 +24,16 @@ step() { # name, command...: run, log to OUT/name.log, remember the outcome
   return "$rc"
 }
 
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-  $PY -m pip --version
-  command -v nvcc && nvcc --version | tail -2
-  echo "CUDA_HOME=${CUDA_HOME:-unset}"
-} > "$OUT/env.log" 2>&1
-
 for s in $STEPS; do
   case $s in
     build)
+      {
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+        $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+        $PY -m pip --version
+        command -v nvcc && nvcc --version | tail -2
+        echo "CUDA_HOME=${CUDA_HOME:-unset}"
+      } > "$OUT/env.log" 2>&1
       step build $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; break; }
       $PY -c "from torchtrt_ext import _runtime as r; assert r.built_with_cuda, 'CPU build on a GPU machine'; print('runtime built with CUDA')" \
         || { echo "runtime check failed"; break; } ;;
@@ -42,15 +41,14 @@ for s in $STEPS; do
       step tests bash -c "for f in tests/test_backend.py tests/test_wrapper.py tests/test_cuda.py tests/test_streams.py; do echo \"--- \$f\"; \
         $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE \$f; done" ;;
     bench)
-      step bench $PY -m benchmarks engine streams --out "$OUT" ;;
+      step bench $PY -m benchmarks ${BENCHMARKS:-streams engine_llama engine_resnet50} --out "$OUT" ;;
     stress)
       step stress $PY -m tests.stress_streams --calls 10000 --threads 4 ;;
-    sanitize)  # a short stress run; the first run fills Inductor's cache so the checked runs compile nothing
-      step sanitize bash -c "export TORCHINDUCTOR_COMPILE_THREADS=1; \
-        $PY -m tests.stress_streams --calls 64 --threads 2 --names mlp; \
+    sanitize)  # the runtime under compute-sanitizer: threads, streams, events; plain torch ops as the engine
+      step sanitize bash -c "\
         for tool in memcheck racecheck; do echo \"--- \$tool\"; \
         timeout ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool \$tool --target-processes application-only --error-exitcode 9 \
-        $PY -m tests.stress_streams --calls 64 --threads 2 --names mlp; echo \"\$tool rc=\$?\"; done" ;;
+        $PY -m tests.sanitize_runtime; echo \"\$tool rc=\$?\"; done" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

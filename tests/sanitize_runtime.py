@@ -1,0 +1,68 @@
+"""A short run of the C++ runtime for compute-sanitizer: several threads and streams (the legacy default
+stream included) drive an engine whose body is plain torch ops, with producer and consumer on other
+streams. No Inductor, so it starts quickly under the sanitizer. Exits non-zero on a wrong output.
+
+    compute-sanitizer --tool memcheck python -m tests.sanitize_runtime
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import torch
+
+from torchtrt_ext._runtime import Runner
+
+
+def main(calls: int = 200, threads: int = 3) -> None:
+    runner = Runner("cuda:0", 4)
+    weight = torch.randn(64, 64, device="cuda")
+
+    def engine(inputs, slot):
+        (x,) = inputs
+        return [torch.tanh(x @ weight) + 1.0]
+
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    engine_streams = streams + [torch.cuda.default_stream()]
+    xs = [torch.randn(16, 64, device="cuda") for _ in range(4)]
+    refs = [torch.tanh(x @ weight) + 1.0 for x in xs]
+    torch.cuda.synchronize()
+    flags: list[torch.Tensor] = []
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        rng = random.Random(t)
+        for _ in range(calls // threads):
+            k = rng.randrange(len(xs))
+            producer, consumer, where = rng.choice(streams), rng.choice(streams), rng.choice(engine_streams)
+            with torch.cuda.stream(producer):
+                x = xs[k] * 1.0
+                ready = torch.cuda.Event()
+                ready.record(producer)
+            with torch.cuda.stream(where):
+                where.wait_event(ready)
+                x.record_stream(where)
+                (y,) = runner.run(engine, (x,))
+                done = torch.cuda.Event()
+                done.record(where)
+            with torch.cuda.stream(consumer):
+                consumer.wait_event(done)
+                y.record_stream(consumer)
+                bad = ((y - refs[k]).abs() > 1e-4).any()
+            with lock:
+                flags.append(bad)
+
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    torch.cuda.synchronize()
+    wrong = sum(bool(f) for f in flags)
+    print(f"sanitize_runtime: {len(flags)} calls, {threads} threads, {wrong} wrong outputs")
+    raise SystemExit(1 if wrong else 0)
+
+
+if __name__ == "__main__":
+    main()
