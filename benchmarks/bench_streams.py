@@ -70,41 +70,43 @@ def _overhead(device: torch.device) -> list[dict]:
 
 
 def _throughput(fn_for_thread, device: torch.device, threads: int, calls: int) -> float:
-    """Aggregate calls per second with `threads` threads, each on its own stream."""
-    barrier = threading.Barrier(threads + 1)
-    done = threading.Barrier(threads + 1)
-    errors = []
+    """Aggregate calls per second with `threads` threads, each on its own stream.
+
+    Warm-up (which records CUDA graphs, per thread) runs one thread at a time: a capture must not
+    overlap CUDA work from other threads. The timed calls then start together.
+    """
+    warmup_lock = threading.Lock()
+    start_line = threading.Barrier(threads + 1)
+    errors: list[BaseException] = []
 
     def worker(t: int) -> None:
         try:
             stream = torch.cuda.Stream(device)
             fn = fn_for_thread(t)
             with torch.no_grad(), torch.cuda.stream(stream):
-                for _ in range(20):
-                    fn()  # per-thread warm-up (CUDA-graph recording is per thread)
-                stream.synchronize()
-                barrier.wait()
+                with warmup_lock:
+                    for _ in range(20):
+                        fn()
+                    torch.cuda.synchronize(device)
+                start_line.wait()
                 for _ in range(calls):
                     fn()
                 stream.synchronize()
         except BaseException as exc:
             errors.append(exc)
-            barrier.abort()
-        finally:
-            try:
-                done.wait()
-            except threading.BrokenBarrierError:
-                pass
+            start_line.abort()
 
     workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for w in workers:
         w.start()
-    barrier.wait()
+    try:
+        start_line.wait()
+    except threading.BrokenBarrierError:
+        pass
     start = time.perf_counter()
-    done.wait()
-    elapsed = time.perf_counter() - start
     for w in workers:
         w.join()
+    elapsed = time.perf_counter() - start
     if errors:
         raise errors[0]
     return threads * calls / elapsed

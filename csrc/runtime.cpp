@@ -26,7 +26,6 @@
 #include <cstdint>
 #include <mutex>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -149,8 +148,6 @@ class SlotLease {
   int64_t slot_;
 };
 
-std::string device_string(const c10::Device& d) { return d.str(); }
-
 #ifdef TORCHTRT_EXT_WITH_CUDA
 constexpr int kMaxDevices = 64;
 
@@ -220,7 +217,8 @@ class Runner {
  public:
   Runner(const std::string& device, int64_t max_slots)
       : device_(device), pool_(max_slots) {
-    TORCH_CHECK(max_slots >= 1, "max_slots must be at least 1, got ", max_slots);
+    // Messages are built with std::string, never std::ostream (see check_inputs).
+    if (max_slots < 1) throw std::invalid_argument("max_slots must be at least 1, got " + std::to_string(max_slots));
     if (device_.is_cuda()) {
 #ifdef TORCHTRT_EXT_WITH_CUDA
       if (!device_.has_index()) device_ = c10::Device(c10::kCUDA, c10::cuda::current_device());
@@ -231,7 +229,7 @@ class Runner {
           ". Rebuild with CUDA_HOME set: pip install --no-build-isolation -e .");
 #endif
     } else {
-      TORCH_CHECK(device_.is_cpu(), "engines run on cpu or cuda devices, got ", device_.str());
+      if (!device_.is_cpu()) throw std::invalid_argument("engines run on cpu or cuda devices, got " + device_.str());
     }
   }
 
@@ -258,11 +256,12 @@ class Runner {
       const at::Tensor& t = THPVariable_Unpack(obj);
       if (!t.defined() || t.device() == device_) continue;
       if (t.is_cpu() && t.dim() == 0) continue;  // CPU scalars mix with any device
-      std::ostringstream msg;
-      msg << "input " << i << " is on " << device_string(t.device()) << " but the engine runs on "
-          << device_string(device_) << "; every tensor input must be on " << device_string(device_)
-          << " (move it with .to('" << device_string(device_) << "'))";
-      throw InputDeviceError(msg.str());
+      // Plain string concatenation: std::ostream number formatting crashed inside a torch 2.11
+      // process (the extension's libstdc++ locale facets against torch's), seen on the H200.
+      const std::string engine_device = device_.str();
+      throw InputDeviceError("input " + std::to_string(i) + " is on " + t.device().str() +
+                             " but the engine runs on " + engine_device + "; every tensor input must be on " +
+                             engine_device + " (move it with .to('" + engine_device + "'))");
     }
   }
 

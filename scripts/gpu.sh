@@ -40,8 +40,9 @@ for s in $STEPS; do
     tests)  # one pytest per file: a crash in one file cannot hide the results of the others
       step tests bash -c "for f in tests/test_backend.py tests/test_wrapper.py tests/test_cuda.py tests/test_streams.py; do echo \"--- \$f\"; \
         $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE \$f; done" ;;
-    bench)
-      step bench $PY -m benchmarks ${BENCHMARKS:-streams engine_llama engine_resnet50} --out "$OUT" ;;
+    bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit
+      step bench bash -c "for b in ${BENCHMARKS:-engine_llama:240 engine_resnet50:200 streams:100}; do \
+        echo \"--- \${b%%:*}\"; timeout \${b##*:} $PY -m benchmarks \${b%%:*} --out $OUT; echo \"\${b%%:*} rc=\$?\"; done" ;;
     stress)
       step stress $PY -m tests.stress_streams --calls 10000 --threads 4 ;;
     sanitize)  # the runtime under compute-sanitizer: threads, streams, events; plain torch ops as the engine

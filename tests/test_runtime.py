@@ -45,9 +45,9 @@ def test_an_exception_in_the_engine_propagates_and_frees_the_slot():
 
 
 def test_bad_arguments():
-    with pytest.raises(RuntimeError, match="max_slots must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="max_slots must be at least 1, got 0"):
         Runner("cpu", 0)
-    with pytest.raises(RuntimeError, match="engines run on cpu or cuda devices, got meta"):
+    with pytest.raises(ValueError, match="engines run on cpu or cuda devices, got meta"):
         Runner("meta", 1)
 
 
