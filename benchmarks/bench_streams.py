@@ -85,6 +85,10 @@ def _throughput(fn_for_thread, device: torch.device, threads: int, calls: int) -
             fn = fn_for_thread(t)
             with torch.no_grad(), torch.cuda.stream(stream):
                 with warmup_lock:
+                    # cuBLAS handles are per thread: create this thread's before any CUDA-graph capture
+                    eye = torch.eye(8, device=device)
+                    eye @ eye
+                    torch.cuda.synchronize(device)
                     for _ in range(20):
                         fn()
                     torch.cuda.synchronize(device)
@@ -127,7 +131,11 @@ def _concurrency(device: torch.device) -> list[dict]:
     for name, fn in [("ours (cuda_graphs)", ours), ("torch.compile reduce-overhead", peer)]:
         base = None
         for threads in (1, 2, 4):
-            rate = _throughput(lambda t, fn=fn: (lambda: fn(inputs[t])), device, threads, calls)
+            try:
+                rate = _throughput(lambda t, fn=fn: (lambda: fn(inputs[t])), device, threads, calls)
+            except Exception as exc:  # keep the other rows; say what failed
+                rows.append({"measure": "throughput", "variant": name, "streams": threads, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                break
             base = base or rate
             rows.append(
                 {
@@ -144,4 +152,6 @@ def _concurrency(device: torch.device) -> list[dict]:
 def run(device: torch.device, quick: bool = False) -> list[dict]:
     if device.type != "cuda":
         raise RuntimeError("the streams benchmark needs a CUDA device")
-    return _overhead(device) + _concurrency(device)
+    rows = _overhead(device)
+    print("\n".join(str(r) for r in rows), flush=True)  # kept in the log even if what follows fails
+    return rows + _concurrency(device)

@@ -44,6 +44,7 @@ def latency_ms(
         name: {
             "latency": statistics.median(single[name]),
             "throughput": statistics.median(batched[name]),
+            "throughput_min": min(batched[name]),
             "latency_spread": _spread(single[name]),
         }
         for name in variants
