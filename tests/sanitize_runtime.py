@@ -12,6 +12,7 @@ import threading
 
 import torch
 
+from tests.stress_streams import cross_stream_call
 from torchtrt_ext._runtime import Runner
 
 
@@ -36,20 +37,14 @@ def main(calls: int = 200, threads: int = 3) -> None:
         for _ in range(calls // threads):
             k = rng.randrange(len(xs))
             producer, consumer, where = rng.choice(streams), rng.choice(streams), rng.choice(engine_streams)
-            with torch.cuda.stream(producer):
-                x = xs[k] * 1.0
-                ready = torch.cuda.Event()
-                ready.record(producer)
-            with torch.cuda.stream(where):
-                where.wait_event(ready)
-                x.record_stream(where)
-                (y,) = runner.run(engine, (x,))
-                done = torch.cuda.Event()
-                done.record(where)
-            with torch.cuda.stream(consumer):
-                consumer.wait_event(done)
-                y.record_stream(consumer)
-                bad = ((y - refs[k]).abs() > 1e-4).any()
+            bad = cross_stream_call(
+                lambda x: runner.run(engine, (x,))[0],
+                xs[k],
+                producer,
+                where,
+                consumer,
+                lambda y, ref=refs[k]: ((y - ref).abs() > 1e-4).any(),
+            )
             with lock:
                 flags.append(bad)
 
