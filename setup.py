@@ -39,15 +39,17 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = ["csrc/runtime.cpp"]
+    depends = ["csrc/stream_bridge.h"]
     cxx = ["-O3", "-std=c++17"]
     if _want_cuda():
         return CUDAExtension(
             "torchtrt_ext._C",
             sources,
+            depends=depends,
             define_macros=[("TORCHTRT_EXT_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
         )
-    return CppExtension("torchtrt_ext._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("torchtrt_ext._C", sources, depends=depends, extra_compile_args={"cxx": cxx})
 
 
 setup(

@@ -4,47 +4,36 @@
 //   * checks that every tensor input is on the engine's device (0-dim CPU scalars excepted);
 //   * CUDA: makes the engine's device current and reads the caller's current stream on it.
 //     - On a non-default stream, fn runs directly on that stream.
-//     - On the legacy default stream, fn runs on this thread's pooled side stream, fenced by events
-//       both ways (the side stream waits for the caller's prior work; the caller waits for the
-//       engine's work), and every output is recorded on the caller's stream so the caching allocator
-//       never reuses its memory under the caller's feet.
+//     - On the legacy default stream, fn runs on this thread's side stream, a blocking stream that CUDA
+//       orders against the legacy stream both ways (stream_bridge.h says why that is the fence).
 //   * hands fn an execution slot: an index into the engine's per-stream state, never held by two
-//     callers at once. A slot keeps affinity to the stream that last used it; when a slot moves to
-//     another stream, the new stream first waits for the work enqueued on the old one.
+//     callers at once (stream_bridge.h: SlotPool).
 //   * CPU build (or CPU engine): execution is synchronous; only the device check and slots apply.
 //
-// The slot pool is guarded by a mutex that is never held while the GIL is taken; a caller that finds
-// every slot busy waits on a condition variable with the GIL released.
+// Runner::run_graphed(fn, inputs) does the same, but replays CUDA graphs: per slot and per input
+// signature, fn is captured once (on the slot's own capture stream, after a warm-up run) and every
+// later call copies the inputs into the graph's static inputs, replays it and clones the outputs, all
+// with the GIL released, so callers on several threads and streams run concurrently.
+
+#include "stream_bridge.h"
 
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <c10/core/Device.h>
+#include <ATen/core/grad_mode.h>
 
-#include <chrono>
-#include <condition_variable>
-#include <cstdint>
-#include <mutex>
-#include <optional>
-#include <stdexcept>
-#include <string>
-#include <vector>
+#include <cstring>
+#include <unordered_map>
 
 #ifdef TORCHTRT_EXT_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #endif
 
 namespace py = pybind11;
 
 namespace torchtrt_ext {
 namespace {
-
-constexpr int64_t kNoStream = -1;
 
 PyObject* g_input_error = nullptr;  // torchtrt_ext.errors.InputError, set at import (else ValueError)
 
@@ -54,182 +43,106 @@ class InputDeviceError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-struct Slot {
-  bool busy = false;
-  int64_t last_stream = kNoStream;  // id of the stream that last used this slot
-  uint64_t last_used = 0;           // for least-recently-used hand-over
-};
-
-// A pool of execution slots for one engine. acquire() returns the slot to use on `stream` and, where
-// the slot last served another stream, that stream's id (the caller must order after it).
-class SlotPool {
- public:
-  explicit SlotPool(int64_t max_slots) : max_slots_(max_slots) {}
-
-  struct Grant {
-    int64_t slot;
-    int64_t previous_stream;  // kNoStream when no fence is needed
-  };
-
-  // Takes a slot for `stream`, or returns nothing when every slot is busy and no new one may be made.
-  std::optional<Grant> try_acquire(int64_t stream) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return try_take(stream);
-  }
-
-  // Like try_acquire, but waits for a slot to be released (call without the GIL).
-  Grant acquire(int64_t stream) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      if (auto grant = try_take(stream)) return *grant;
-      released_.wait(lock);
-    }
-  }
-
-  void release(int64_t slot) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      slots_[slot].busy = false;
-    }
-    released_.notify_one();
-  }
-
-  int64_t size() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return static_cast<int64_t>(slots_.size());
-  }
-
-  int64_t max_slots() const { return max_slots_; }
-
- private:
-  std::optional<Grant> try_take(int64_t stream) {
-    std::optional<int64_t> fresh, lru;
-    for (int64_t i = 0; i < static_cast<int64_t>(slots_.size()); ++i) {
-      const Slot& s = slots_[i];
-      if (s.busy) continue;
-      if (s.last_stream == stream) return take(i, stream, kNoStream);
-      if (s.last_stream == kNoStream && !fresh) fresh = i;
-      if (!lru || s.last_used < slots_[*lru].last_used) lru = i;
-    }
-    if (fresh) return take(*fresh, stream, kNoStream);
-    if (static_cast<int64_t>(slots_.size()) < max_slots_) {
-      slots_.emplace_back();
-      return take(static_cast<int64_t>(slots_.size()) - 1, stream, kNoStream);
-    }
-    if (lru) return take(*lru, stream, slots_[*lru].last_stream);
-    return std::nullopt;
-  }
-
-  Grant take(int64_t i, int64_t stream, int64_t previous) {
-    Slot& s = slots_[i];
-    s.busy = true;
-    s.last_stream = stream;
-    s.last_used = ++clock_;
-    return {i, previous};
-  }
-
-  const int64_t max_slots_;
-  std::mutex mutex_;
-  std::condition_variable released_;
-  std::vector<Slot> slots_;
-  uint64_t clock_ = 0;
-};
-
-// Releases a slot on every exit path, exceptions included.
-class SlotLease {
- public:
-  SlotLease(SlotPool& pool, int64_t slot) : pool_(pool), slot_(slot) {}
-  ~SlotLease() { pool_.release(slot_); }
-  SlotLease(const SlotLease&) = delete;
-  SlotLease& operator=(const SlotLease&) = delete;
-
- private:
-  SlotPool& pool_;
-  int64_t slot_;
-};
-
 #ifdef TORCHTRT_EXT_WITH_CUDA
-constexpr int kMaxDevices = 64;
 
-// A CUDA event without timing, created on first record on the recording stream's device.
-class Event {
- public:
-  Event() = default;
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  ~Event() {
-    if (event_ != nullptr) cudaEventDestroy(event_);  // deferred by CUDA until the event completes
+// How many input signatures one slot captures before further signatures run without graphs.
+constexpr size_t kMaxGraphsPerSlot = 16;
+
+// The input signature a graph is captured for: per input a tag, then for tensors dtype, sizes and
+// strides, for Python scalars their value.
+using GraphKey = std::vector<int64_t>;
+
+struct GraphKeyHash {
+  size_t operator()(const GraphKey& key) const {
+    size_t h = key.size();
+    for (int64_t v : key) h ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    return h;
   }
-
-  void record(const c10::cuda::CUDAStream& stream) {
-    if (event_ == nullptr) {
-      c10::cuda::CUDAGuard guard(stream.device_index());
-      C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
-    }
-    C10_CUDA_CHECK(cudaEventRecord(event_, stream.stream()));
-  }
-
-  // Enqueue on `stream` a wait for the work recorded before the latest record().
-  void block(const c10::cuda::CUDAStream& stream) const {
-    C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), event_, 0));
-  }
-
- private:
-  cudaEvent_t event_ = nullptr;
 };
 
-// Per thread and device: the pooled side stream used for callers on the legacy default stream, and
-// the two events that fence it. Re-recording an event is safe: a wait binds to the record that
-// precedes it at the time the wait is enqueued.
-struct ThreadStreamState {
-  std::optional<c10::cuda::CUDAStream> side;
-  Event caller_ready;
-  Event engine_done;
+struct GraphEntry {
+  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  std::vector<at::Tensor> static_inputs;  // one per tensor input, in input order
+  std::vector<at::Tensor> static_outputs;
 };
 
-ThreadStreamState& thread_state(c10::DeviceIndex index) {
-  thread_local std::vector<std::unique_ptr<ThreadStreamState>> states(kMaxDevices);
-  auto& state = states.at(index);
-  if (!state) {
-    state = std::make_unique<ThreadStreamState>();
-    state->side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index);
+// Per slot: its captured graphs and the stream captures happen on. Only the slot's holder touches it.
+struct SlotGraphs {
+  std::unordered_map<GraphKey, std::unique_ptr<GraphEntry>, GraphKeyHash> entries;
+  std::optional<c10::cuda::CUDAStream> capture_stream;
+  bool warned_full = false;
+};
+
+// The tensors among the inputs and the signature key; nullopt when an input cannot be captured
+// (an overlapping or non-dense tensor, or a Python object other than a scalar or None).
+std::optional<GraphKey> graph_key(const py::tuple& inputs, std::vector<at::Tensor>& tensors,
+                                  std::vector<Py_ssize_t>& positions) {
+  GraphKey key;
+  const Py_ssize_t n = PyTuple_GET_SIZE(inputs.ptr());
+  key.reserve(n * 8);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyTuple_GET_ITEM(inputs.ptr(), i);
+    if (THPVariable_Check(obj)) {
+      const at::Tensor& t = THPVariable_Unpack(obj);
+      if (!t.defined() || !t.is_non_overlapping_and_dense()) return std::nullopt;
+      key.push_back(1);
+      key.push_back(static_cast<int64_t>(t.scalar_type()));
+      key.push_back(static_cast<int64_t>(t.device().type()));
+      key.push_back(t.dim());
+      for (int64_t s : t.sizes()) key.push_back(s);
+      for (int64_t s : t.strides()) key.push_back(s);
+      tensors.push_back(t);
+      positions.push_back(i);
+    } else if (PyBool_Check(obj)) {
+      key.push_back(2);
+      key.push_back(obj == Py_True);
+    } else if (PyLong_Check(obj)) {
+      int overflow = 0;
+      const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+      if (overflow) return std::nullopt;
+      key.push_back(3);
+      key.push_back(v);
+    } else if (PyFloat_Check(obj)) {
+      const double v = PyFloat_AS_DOUBLE(obj);
+      int64_t bits;
+      std::memcpy(&bits, &v, sizeof bits);
+      key.push_back(4);
+      key.push_back(bits);
+    } else if (obj == Py_None) {
+      key.push_back(5);
+    } else {
+      return std::nullopt;
+    }
   }
-  return *state;
+  return key;
 }
 
-void record_outputs_on(py::handle outputs, const c10::cuda::CUDAStream& stream) {
-  auto record = [&](py::handle obj) {
-    if (!THPVariable_Check(obj.ptr())) return;
-    const at::Tensor& t = THPVariable_Unpack(obj.ptr());
-    if (t.defined() && t.is_cuda()) {
-      c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
-    }
-  };
-  if (py::isinstance<py::list>(outputs) || py::isinstance<py::tuple>(outputs)) {
-    for (py::handle item : outputs) record(item);
-  } else {
-    record(outputs);
+std::vector<at::Tensor> tensors_of(const py::object& outputs) {
+  std::vector<at::Tensor> result;
+  if (!(py::isinstance<py::list>(outputs) || py::isinstance<py::tuple>(outputs))) return result;
+  for (py::handle item : outputs) {
+    if (!THPVariable_Check(item.ptr())) return {};
+    result.push_back(THPVariable_Unpack(item.ptr()));
   }
+  return result;
 }
-#endif
+#endif  // TORCHTRT_EXT_WITH_CUDA
 
 class Runner {
  public:
-  Runner(const std::string& device, int64_t max_slots)
-      : device_(device), pool_(max_slots) {
-    // Messages are built with std::string, never std::ostream (see check_inputs).
-    if (max_slots < 1) throw std::invalid_argument("max_slots must be at least 1, got " + std::to_string(max_slots));
+  Runner(const std::string& device, int64_t max_slots) : device_(device), pool_(max_slots) {
     if (device_.is_cuda()) {
 #ifdef TORCHTRT_EXT_WITH_CUDA
       if (!device_.has_index()) device_ = c10::Device(c10::kCUDA, c10::cuda::current_device());
+      graphs_.resize(max_slots);
 #else
       throw std::runtime_error(
           "torchtrt_ext._C was built without CUDA (torch had no CUDA, or CUDA_HOME was not found at "
           "build time), so it cannot run an engine on " + device_.str() +
           ". Rebuild with CUDA_HOME set: pip install --no-build-isolation -e .");
 #endif
-    } else {
-      if (!device_.is_cpu()) throw std::invalid_argument("engines run on cpu or cuda devices, got " + device_.str());
+    } else if (!device_.is_cpu()) {
+      throw std::invalid_argument("engines run on cpu or cuda devices, got " + device_.str());
     }
   }
 
@@ -243,9 +156,43 @@ class Runner {
     return fn(inputs, grant.slot);
   }
 
+  py::object run_graphed(py::handle fn, py::tuple inputs) {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+    if (device_.is_cuda()) {
+      check_inputs(inputs);
+      return run_graphed_cuda(fn, inputs);
+    }
+#endif
+    throw std::invalid_argument("CUDA graphs need a CUDA engine, but this one runs on " + device_.str());
+  }
+
+  // Drop every captured graph (after the engine's weights move to new addresses, say). Each slot is
+  // held in turn, so no caller is replaying a graph while it goes.
+  void clear_graphs() {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+    py::gil_scoped_release no_gil;
+    for (size_t s = 0; s < graphs_.size(); ++s) {
+      if (!pool_.hold(static_cast<int64_t>(s))) continue;  // never created: nothing captured
+      SlotLease lease(pool_, static_cast<int64_t>(s));
+      graphs_[s].entries.clear();
+      graphs_[s].warned_full = false;
+    }
+#endif
+  }
+
   std::string device() const { return device_.str(); }
   int64_t slots_created() { return pool_.size(); }
   int64_t max_slots() const { return pool_.max_slots(); }
+
+  int64_t graphs_captured() const {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+    int64_t n = 0;
+    for (const auto& g : graphs_) n += static_cast<int64_t>(g.entries.size());
+    return n;
+#else
+    return 0;
+#endif
+  }
 
  private:
   void check_inputs(const py::tuple& inputs) const {
@@ -256,8 +203,6 @@ class Runner {
       const at::Tensor& t = THPVariable_Unpack(obj);
       if (!t.defined() || t.device() == device_) continue;
       if (t.is_cpu() && t.dim() == 0) continue;  // CPU scalars mix with any device
-      // Plain string concatenation: std::ostream number formatting crashed inside a torch 2.11
-      // process (the extension's libstdc++ locale facets against torch's), seen on the H200.
       const std::string engine_device = device_.str();
       throw InputDeviceError("input " + std::to_string(i) + " is on " + t.device().str() +
                              " but the engine runs on " + engine_device + "; every tensor input must be on " +
@@ -272,71 +217,122 @@ class Runner {
   }
 
 #ifdef TORCHTRT_EXT_WITH_CUDA
-  py::object run_cuda(py::handle fn, const py::tuple& inputs) {
-    const c10::DeviceIndex index = device_.index();
-    c10::cuda::CUDAGuard device_guard(index);
-    const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(index);
-    const bool on_default = caller == c10::cuda::getDefaultCUDAStream(index);
+  // A slot that last served another stream: order this stream after everything enqueued there so far.
+  void fence_previous(const SlotPool::Grant& grant, const c10::cuda::CUDAStream& stream) {
+    if (grant.previous_stream == kNoStream || grant.previous_stream == stream.id()) return;
+    fence(c10::cuda::CUDAStream::unpack3(grant.previous_stream, device_.index(), c10::DeviceType::CUDA), stream);
+  }
 
-    if (!on_default) {
-      SlotPool::Grant grant = acquire(caller.id());
-      SlotLease lease(pool_, grant.slot);
-      fence_previous(grant, caller);
+  py::object run_cuda(py::handle fn, const py::tuple& inputs) {
+    c10::cuda::CUDAGuard device_guard(device_.index());
+    const Placement where = place(device_.index());
+    SlotPool::Grant grant = acquire(where.exec.id());
+    SlotLease lease(pool_, grant.slot);
+    fence_previous(grant, where.exec);
+    if (!where.on_side_stream) return fn(inputs, grant.slot);
+    c10::cuda::CUDAStreamGuard stream_guard(where.exec);
+    return fn(inputs, grant.slot);
+  }
+
+  py::object run_graphed_cuda(py::handle fn, const py::tuple& inputs) {
+    std::vector<at::Tensor> tensors;
+    std::vector<Py_ssize_t> positions;
+    std::optional<GraphKey> key = graph_key(inputs, tensors, positions);
+    c10::cuda::CUDAGuard device_guard(device_.index());
+    const Placement where = place(device_.index());
+    SlotPool::Grant grant = acquire(where.exec.id());
+    SlotLease lease(pool_, grant.slot);
+    fence_previous(grant, where.exec);
+    c10::cuda::CUDAStreamGuard stream_guard(where.exec);
+
+    SlotGraphs& slot = graphs_[grant.slot];
+    GraphEntry* entry = nullptr;
+    if (key) {
+      auto found = slot.entries.find(*key);
+      if (found != slot.entries.end()) {
+        entry = found->second.get();
+      } else if (slot.entries.size() < kMaxGraphsPerSlot) {
+        entry = capture(fn, inputs, tensors, positions, grant.slot, where.exec, slot, std::move(*key));
+      } else if (!slot.warned_full) {
+        slot.warned_full = true;
+        PyErr_WarnEx(PyExc_RuntimeWarning,
+                     ("torchtrt_ext: an engine slot holds " + std::to_string(kMaxGraphsPerSlot) +
+                      " CUDA graphs (one per input signature); further signatures run without graphs")
+                         .c_str(),
+                     1);
+      }
+    }
+    if (entry == nullptr) {  // not capturable: run as usual
+      at::NoGradGuard no_grad;
       return fn(inputs, grant.slot);
     }
 
-    ThreadStreamState& ts = thread_state(index);
-    const c10::cuda::CUDAStream side = *ts.side;
-    SlotPool::Grant grant = acquire(side.id());
-    SlotLease lease(pool_, grant.slot);
-    fence_previous(grant, side);
-    ts.caller_ready.record(caller);
-    ts.caller_ready.block(side);
-    // The caller waits for the side stream on every exit, an exception from fn included: its inputs
-    // may be freed and reused on the caller's stream as soon as this returns.
-    struct JoinCaller {
-      ThreadStreamState& ts;
-      const c10::cuda::CUDAStream& side;
-      const c10::cuda::CUDAStream& caller;
-      bool joined = false;
-      void join() {
-        ts.engine_done.record(side);
-        ts.engine_done.block(caller);
-        joined = true;
-      }
-      ~JoinCaller() {
-        if (joined) return;
-        try {
-          join();
-        } catch (...) {
-          // Already unwinding from fn's exception, which is the error the caller sees.
-        }
-      }
-    } join{ts, side, caller};
-    py::object outputs;
+    std::vector<at::Tensor> outputs;
     {
-      c10::cuda::CUDAStreamGuard stream_guard(side);
-      outputs = fn(inputs, grant.slot);
+      py::gil_scoped_release no_gil;
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < tensors.size(); ++i) entry->static_inputs[i].copy_(tensors[i], /*non_blocking=*/true);
+      entry->graph->replay();
+      outputs.reserve(entry->static_outputs.size());
+      for (const at::Tensor& out : entry->static_outputs) outputs.push_back(out.clone());
     }
-    join.join();
-    record_outputs_on(outputs, caller);
-    return outputs;
+    py::list result(outputs.size());
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      result[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(outputs[i])));
+    }
+    return result;
   }
 
-  // A slot that last served another stream: order this stream after everything enqueued there so far.
-  // Skipped while `stream` is being captured into a CUDA graph: nothing runs during capture, and a
-  // wait on work outside the capture would invalidate it; ordering at replay is the caller's.
-  void fence_previous(const SlotPool::Grant& grant, const c10::cuda::CUDAStream& stream) {
-    if (grant.previous_stream == kNoStream || grant.previous_stream == stream.id()) return;
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
-    if (capture != cudaStreamCaptureStatusNone) return;
-    const c10::cuda::CUDAStream previous =
-        c10::cuda::CUDAStream::unpack3(grant.previous_stream, device_.index(), c10::DeviceType::CUDA);
-    Event handoff;
-    handoff.record(previous);
-    handoff.block(stream);
+  // Capture fn for this slot and input signature. The capture runs on the slot's own non-blocking
+  // stream (never on a blocking side stream, see stream_bridge.h), after one warm-up run there that
+  // creates per-stream library state (cuBLAS workspaces) outside the capture.
+  GraphEntry* capture(py::handle fn, const py::tuple& inputs, const std::vector<at::Tensor>& tensors,
+                      const std::vector<Py_ssize_t>& positions, int64_t slot_index,
+                      const c10::cuda::CUDAStream& exec, SlotGraphs& slot, GraphKey key) {
+    at::NoGradGuard no_grad;
+    auto entry = std::make_unique<GraphEntry>();
+    py::tuple static_args(PyTuple_GET_SIZE(inputs.ptr()));
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(inputs.ptr()); ++i) {
+      static_args[i] = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(inputs.ptr(), i));
+    }
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      at::Tensor s = at::empty_strided(tensors[i].sizes(), tensors[i].strides(), tensors[i].options());
+      s.copy_(tensors[i], /*non_blocking=*/true);
+      static_args[positions[i]] = py::reinterpret_steal<py::object>(THPVariable_Wrap(s));
+      entry->static_inputs.push_back(std::move(s));
+    }
+    if (!slot.capture_stream) slot.capture_stream = c10::cuda::getStreamFromPool(false, device_.index());
+    const c10::cuda::CUDAStream cs = *slot.capture_stream;
+    fence(exec, cs);
+    {
+      c10::cuda::CUDAStreamGuard on_capture_stream(cs);
+      fn(static_args, slot_index);  // warm-up, outside the capture
+      entry->graph = std::make_unique<at::cuda::CUDAGraph>();
+      entry->graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+      py::object outs;
+      try {
+        outs = fn(static_args, slot_index);
+      } catch (...) {
+        try {
+          entry->graph->capture_end();
+        } catch (...) {
+          // The capture is invalid anyway; the error from fn is the one to report.
+        }
+        throw;
+      }
+      entry->graph->capture_end();
+      entry->static_outputs = tensors_of(outs);
+      if (entry->static_outputs.empty() && !outs.is_none() && py::len(outs) != 0) {
+        throw std::runtime_error("CUDA-graph mode needs an engine that returns a list of tensors");
+      }
+    }
+    fence(cs, exec);
+    GraphEntry* raw = entry.get();
+    slot.entries.emplace(std::move(key), std::move(entry));
+    return raw;
   }
+
+  std::vector<SlotGraphs> graphs_;
 #endif
 
   c10::Device device_;
@@ -357,8 +353,6 @@ bool built_with_cuda() {
 PYBIND11_MODULE(_C, m) {
   using torchtrt_ext::Runner;
   m.doc() = "torchtrt_ext runtime: stream-following execution of engines";
-  m.def("built_with_cuda", &torchtrt_ext::built_with_cuda,
-        "True when this extension was built against CUDA (streams, events, side streams).");
   py::register_exception_translator([](std::exception_ptr error) {
     try {
       if (error) std::rethrow_exception(error);
@@ -366,6 +360,8 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(torchtrt_ext::g_input_error ? torchtrt_ext::g_input_error : PyExc_ValueError, e.what());
     }
   });
+  m.def("built_with_cuda", &torchtrt_ext::built_with_cuda,
+        "True when this extension was built against CUDA (streams, events, side streams).");
   m.def(
       "set_input_error",
       [](py::object cls) {
@@ -376,9 +372,14 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Runner>(m, "Runner")
       .def(py::init<const std::string&, int64_t>(), py::arg("device"), py::arg("max_slots"))
       .def("run", &Runner::run, py::arg("fn"), py::arg("inputs"),
-           "Call fn(inputs, slot) on the caller's current stream (or a fenced side stream when the "
+           "Call fn(inputs, slot) on the caller's current stream (or this thread's side stream when the "
            "caller is on the legacy default stream) and return its result.")
+      .def("run_graphed", &Runner::run_graphed, py::arg("fn"), py::arg("inputs"),
+           "Like run, but capture fn once per slot and input signature as a CUDA graph and replay it "
+           "(inputs copied in, outputs cloned out, without the GIL). fn must return a list of tensors.")
+      .def("clear_graphs", &Runner::clear_graphs, "Drop every captured CUDA graph.")
       .def_property_readonly("device", &Runner::device)
       .def_property_readonly("slots_created", &Runner::slots_created)
-      .def_property_readonly("max_slots", &Runner::max_slots);
+      .def_property_readonly("max_slots", &Runner::max_slots)
+      .def_property_readonly("graphs_captured", &Runner::graphs_captured);
 }

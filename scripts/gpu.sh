@@ -2,14 +2,14 @@
 # The project's one GPU script: build the CUDA runtime, run the GPU tests and the benchmarks, and write
 # everything under OUT_DIR (logs, JSON, tables). Steps run in the order given; default: all of them.
 #
-#   bash scripts/gpu.sh OUT_DIR [build] [tests] [bench] [stress] [sanitize]
+#   bash scripts/gpu.sh OUT_DIR [build] [tests] [bench] [stress] [selftest] [sanitize]
 #
 # Each step's log lands in OUT_DIR; the last lines printed summarise every step (the device tool
 # returns the end of the output).
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu.sh OUT_DIR [steps...]}
 shift
-STEPS=${*:-build tests bench sanitize}
+STEPS=${*:-build tests selftest bench}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -45,7 +45,9 @@ for s in $STEPS; do
         echo \"--- \${b%%:*}\"; timeout \${b##*:} $PY -m benchmarks \${b%%:*} --out $OUT; echo \"\${b%%:*} rc=\$?\"; done" ;;
     stress)
       step stress $PY -m tests.stress_streams --calls 10000 --threads 4 ;;
-    sanitize)  # the runtime under compute-sanitizer: threads, streams, events; plain torch ops as the engine
+    selftest)  # the runtime core without Python, plain and under compute-sanitizer (memcheck, racecheck, synccheck)
+      step selftest bash scripts/selftest.sh 4 2000 ;;
+    sanitize)  # the Python runtime under compute-sanitizer: slow to start (torch's kernels get instrumented)
       step sanitize bash -c "\
         for tool in memcheck racecheck; do echo \"--- \$tool\"; \
         timeout ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool \$tool --target-processes application-only --error-exitcode 9 \

@@ -41,11 +41,14 @@ def cross_stream_call(fn, source, producer, engine_stream, consumer, check):
         return check(y)
 
 
-def run(calls: int = 10_000, threads: int = 4, streams: int = 4, seed: int = 0, names=NAMES) -> dict:
+def run(
+    calls: int = 10_000, threads: int = 4, streams: int = 4, seed: int = 0, names=NAMES, cuda_graphs: bool = False
+) -> dict:
     device = torch.device("cuda")
     torch.manual_seed(seed)
     models = {n: zoo.build(n, device, seed=i) for i, n in enumerate(names)}
-    compiled = {n: torch.compile(models[n], backend="torchtrt_ext", dynamic=False) for n in names}
+    options = {"cuda_graphs": cuda_graphs}
+    compiled = {n: torch.compile(models[n], backend="torchtrt_ext", options=options, dynamic=False) for n in names}
     inputs, refs = {}, {}
     with torch.no_grad():
         for n in names:
@@ -100,8 +103,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--names", default=",".join(NAMES))
+    parser.add_argument("--cuda-graphs", action="store_true")
     args = parser.parse_args()
-    result = run(args.calls, args.threads, names=tuple(args.names.split(",")))
+    result = run(args.calls, args.threads, names=tuple(args.names.split(",")), cuda_graphs=args.cuda_graphs)
     print(f"stress: {result['calls']} calls, {result['threads']} threads, {result['streams']} streams, "
           f"{result['wrong']} wrong outputs")
     raise SystemExit(1 if result["wrong"] else 0)

@@ -38,6 +38,32 @@ def test_stress_threads_and_streams_zero_wrong_outputs():
     assert result["wrong"] == 0
 
 
+def test_stress_in_cuda_graph_mode_zero_wrong_outputs():
+    result = stress_streams.run(calls=2_000, threads=4, cuda_graphs=True)
+    assert result["calls"] == 2_000
+    assert result["wrong"] == 0
+
+
+def test_cuda_graph_mode_one_graph_set_per_stream_and_outputs_not_overwritten():
+    model = zoo.build("encoder", "cuda")
+    compiled = torchtrt_ext.compile(model, (torch.randn(4, 12, 64, device="cuda"),), cuda_graphs=True)
+    engine = compiled.engines[0]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.default_stream()]
+    with torch.no_grad():
+        kept = []
+        for batch in (4, 6):
+            for s in streams:
+                with torch.cuda.stream(s):
+                    for _ in range(3):
+                        x = torch.randn(batch, 12, 64, device="cuda")
+                        kept.append((x, compiled(x)))  # earlier outputs must survive later replays
+        torch.cuda.synchronize()
+        for x, y in kept:
+            zoo.assert_matches(y, model(x), torch.float32)
+    assert engine._runner.slots_created == 3
+    assert engine._runner.graphs_captured == 6  # 3 streams x 2 batch sizes
+
+
 @pytest.mark.parametrize("capture_stream", ["given", "torch_default"])
 def test_cuda_graph_capture_on_a_custom_stream_replays_correctly(capture_stream):
     model = zoo.build("encoder", "cuda")

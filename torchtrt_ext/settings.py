@@ -37,7 +37,9 @@ class Settings:
         choices=ENGINE_KINDS,
     )
     cuda_graphs: bool = _option(
-        False, "replay the engine's kernels as CUDA graphs (Inductor's CUDA-graph mode); for small batches"
+        False,
+        "capture the engine as CUDA graphs (one per stream and input signature) and replay them without "
+        "the GIL; for small batches. Weights are read in place, never copied into the graphs",
     )
     frontend: str = _option(
         "auto",

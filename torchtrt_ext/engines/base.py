@@ -46,10 +46,13 @@ class Engine(abc.ABC):
         self.device = device
         self.settings = settings
         self._runner = Runner(str(device), max_slots)
+        # CUDA-graph mode: the runtime captures _execute per stream slot and input signature, and
+        # replays it without the GIL.
+        self._run = self._runner.run_graphed if settings.cuda_graphs else self._runner.run
 
     def __call__(self, *inputs: Any) -> list[torch.Tensor]:
         """Run the engine on the caller's current stream; inputs in graph order, outputs as a list."""
-        return self._runner.run(self._execute, inputs)
+        return self._run(self._execute, inputs)
 
     @abc.abstractmethod
     def _execute(self, inputs: tuple[Any, ...], slot: int) -> list[torch.Tensor]:

@@ -43,34 +43,13 @@ def engine_device(lifted: LiftedGraph) -> torch.device:
     return torch.device("cpu")
 
 
-def _compile(lifted: LiftedGraph, settings: Settings) -> Any:
-    """Inductor-compile the graph with weights as inputs; in CUDA-graph mode they are static inputs
-    (read in place at fixed addresses, never copied into the graph's input buffers)."""
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-    weight_positions = {w.position for w in lifted.weights}
-    n_inputs = lifted.num_placeholders
-
-    def inner_compile(gm: torch.fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
-        if settings.cuda_graphs:
-            if len(example_inputs) == n_inputs:
-                kwargs["static_input_idxs"] = sorted(set(kwargs.get("static_input_idxs", ())) | weight_positions)
-            else:  # Inductor reshaped the inputs: positions no longer line up, so mark nothing
-                log.warning(
-                    "torchtrt_ext: cuda_graphs: the compiled graph takes %d inputs, not %d; weights are "
-                    "copied into the CUDA graph on every call",
-                    len(example_inputs),
-                    n_inputs,
-                )
-        return compile_fx_inner(gm, example_inputs, **kwargs)
+def _compile(lifted: LiftedGraph) -> Any:
+    """Inductor-compile the graph with the weights as inputs. CUDA-graph mode is the runtime's (it
+    captures and replays the compiled code), not Inductor's."""
+    from torch._inductor.compile_fx import compile_fx
 
     with torch.no_grad():
-        return compile_fx(
-            lifted.gm,
-            lifted.example_args,
-            inner_compile=inner_compile,
-            config_patches={"triton.cudagraphs": settings.cuda_graphs},
-        )
+        return compile_fx(lifted.gm, lifted.example_args, config_patches={"triton.cudagraphs": False})
 
 
 class BuiltinEngine(Engine):
@@ -95,7 +74,7 @@ class BuiltinEngine(Engine):
             self._template[position] = tensor
 
         start = time.perf_counter()
-        self._compiled = _compile(lifted, settings)
+        self._compiled = _compile(lifted)
         self.compile_seconds = time.perf_counter() - start
         mem = self.memory()
         log.info(
