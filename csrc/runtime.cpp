@@ -74,7 +74,7 @@ struct SlotGraphs {
 };
 
 // The tensors among the inputs and the signature key; nullopt when an input cannot be captured
-// (an overlapping or non-dense tensor, or a Python object other than a scalar or None).
+// (a CPU tensor, an overlapping or non-dense tensor, a Python object other than a scalar or None).
 std::optional<GraphKey> graph_key(const py::tuple& inputs, std::vector<at::Tensor>& tensors,
                                   std::vector<Py_ssize_t>& positions) {
   GraphKey key;
@@ -84,7 +84,8 @@ std::optional<GraphKey> graph_key(const py::tuple& inputs, std::vector<at::Tenso
     PyObject* obj = PyTuple_GET_ITEM(inputs.ptr(), i);
     if (THPVariable_Check(obj)) {
       const at::Tensor& t = THPVariable_Unpack(obj);
-      if (!t.defined() || !t.is_non_overlapping_and_dense()) return std::nullopt;
+      // CPU scalars would be baked into the graph as constants; odd layouts cannot be copied into.
+      if (!t.defined() || !t.is_cuda() || !t.is_non_overlapping_and_dense()) return std::nullopt;
       key.push_back(1);
       key.push_back(static_cast<int64_t>(t.scalar_type()));
       key.push_back(static_cast<int64_t>(t.device().type()));
@@ -229,8 +230,7 @@ class Runner {
     SlotPool::Grant grant = acquire(where.exec.id());
     SlotLease lease(pool_, grant.slot);
     fence_previous(grant, where.exec);
-    if (!where.on_side_stream) return fn(inputs, grant.slot);
-    c10::cuda::CUDAStreamGuard stream_guard(where.exec);
+    c10::cuda::CUDAStreamGuard stream_guard(where.exec);  // a no-op unless on the side stream
     return fn(inputs, grant.slot);
   }
 
@@ -247,7 +247,7 @@ class Runner {
 
     SlotGraphs& slot = graphs_[grant.slot];
     GraphEntry* entry = nullptr;
-    if (key) {
+    if (key && !is_capturing(where.exec)) {  // inside the caller's own capture, just run fn
       auto found = slot.entries.find(*key);
       if (found != slot.entries.end()) {
         entry = found->second.get();
@@ -255,11 +255,9 @@ class Runner {
         entry = capture(fn, inputs, tensors, positions, grant.slot, where.exec, slot, std::move(*key));
       } else if (!slot.warned_full) {
         slot.warned_full = true;
-        PyErr_WarnEx(PyExc_RuntimeWarning,
-                     ("torchtrt_ext: an engine slot holds " + std::to_string(kMaxGraphsPerSlot) +
-                      " CUDA graphs (one per input signature); further signatures run without graphs")
-                         .c_str(),
-                     1);
+        const std::string message = "torchtrt_ext: an engine slot holds " + std::to_string(kMaxGraphsPerSlot) +
+                                    " CUDA graphs (one per input signature); further signatures run without graphs";
+        if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) < 0) throw py::error_already_set();
       }
     }
     if (entry == nullptr) {  // not capturable: run as usual
