@@ -27,7 +27,6 @@
 
 #ifdef TORCHTRT_EXT_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
-#include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
 namespace py = pybind11;

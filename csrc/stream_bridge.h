@@ -244,13 +244,12 @@ class SideStreams {
 struct Placement {
   c10::cuda::CUDAStream caller;
   c10::cuda::CUDAStream exec;
-  bool on_side_stream;
 };
 
 inline Placement place(c10::DeviceIndex device) {
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device);
-  if (caller != c10::cuda::getDefaultCUDAStream(device)) return {caller, caller, false};
-  return {caller, SideStreams::for_this_thread(device), true};
+  if (caller != c10::cuda::getDefaultCUDAStream(device)) return {caller, caller};
+  return {caller, SideStreams::for_this_thread(device)};
 }
 
 #endif  // TORCHTRT_EXT_WITH_CUDA

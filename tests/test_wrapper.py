@@ -8,7 +8,7 @@ import torch
 import torchtrt_ext
 from tests import zoo
 from tests.conftest import CPU_AND_CUDA
-from torchtrt_ext import CompiledModule, InputError, TorchTRTExtError
+from torchtrt_ext import InputError
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
