@@ -229,7 +229,8 @@ class Runner {
     SlotPool::Grant grant = acquire(where.exec.id());
     SlotLease lease(pool_, grant.slot);
     fence_previous(grant, where.exec);
-    c10::cuda::CUDAStreamGuard stream_guard(where.exec);  // a no-op unless on the side stream
+    if (where.exec == where.caller) return fn(inputs, grant.slot);  // hot path: no stream switch
+    c10::cuda::CUDAStreamGuard stream_guard(where.exec);
     return fn(inputs, grant.slot);
   }
 
