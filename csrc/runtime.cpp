@@ -10,6 +10,9 @@
 //     callers at once (stream_bridge.h: SlotPool).
 //   * CPU build (or CPU engine): execution is synchronous; only the device check and slots apply.
 //
+// Runner::bind(callable, arguments, input_positions) lets the runtime call an engine's compiled function
+// itself (callable(*arguments) with the inputs put in), so that no Python frame runs per call.
+//
 // Runner::run_graphed(fn, inputs) does the same, but replays CUDA graphs: per slot and per input
 // signature, fn is captured once (on the slot's own capture stream, after a warm-up run) and every
 // later call copies the inputs into the graph's static inputs, replays it and clones the outputs, all
@@ -21,12 +24,14 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty_strided.h>
 
 #include <cstring>
 #include <unordered_map>
 
 #ifdef TORCHTRT_EXT_WITH_CUDA
-#include <ATen/cuda/CUDAGraph.h>
+#include <ATen/cuda/MemPool.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
 namespace py = pybind11;
@@ -37,7 +42,7 @@ namespace {
 PyObject* g_input_error = nullptr;  // torchtrt_ext.errors.InputError, set at import (else ValueError)
 
 // Thrown for inputs the engine cannot take; pybind11 turns it into g_input_error (see PYBIND11_MODULE).
-class InputDeviceError : public std::runtime_error {
+class BadInput : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
@@ -59,8 +64,117 @@ struct GraphKeyHash {
   }
 };
 
+// torch >= 2.13 wants to hear when a capture into a pool starts and ends; 2.11 has no such call.
+template <class Allocator>
+auto mark_capture(Allocator* a, c10::DeviceIndex device, bool begin, int) -> decltype(a->markCaptureBegin(device)) {
+  if (begin) {
+    a->markCaptureBegin(device);
+  } else {
+    a->markCaptureEnd(device);
+  }
+}
+template <class Allocator>
+void mark_capture(Allocator*, c10::DeviceIndex, bool, long) {}
+
+// One CUDA graph, captured with CUDA's own API on a stream this runtime owns, its memory in a private
+// pool of torch's caching allocator. Not at::cuda::CUDAGraph: that registers torch's default RNG
+// generator, whose capture flag is process-wide, so any torch.randn on another thread during our
+// capture would fail ("Offset increment outside graph capture"). An engine that draws random numbers
+// fails to capture here instead, and runs without a graph.
+class PoolGraph {
+ public:
+  PoolGraph(c10::DeviceIndex device, cudaStream_t stream)
+      : device_(device), stream_(stream), pool_(at::cuda::MemPool::graph_pool_handle(false)) {}
+  PoolGraph(const PoolGraph&) = delete;
+  PoolGraph& operator=(const PoolGraph&) = delete;
+
+  void begin() {
+    cudaStream_t stream = stream_;
+    // Only allocations on our own stream go to the pool; no other code enqueues on it.
+    c10::cuda::CUDACachingAllocator::beginAllocateToPool(device_, pool_,
+                                                         [stream](cudaStream_t s) { return s == stream; });
+    pool_begun_ = routing_ = true;
+    C10_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    capturing_ = true;
+    mark_capture(c10::cuda::CUDACachingAllocator::get(), device_, true, 0);
+  }
+
+  void end() {
+    cudaGraph_t graph = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    capturing_ = false;
+    finish_routing();
+    if (ended != cudaSuccess || graph == nullptr) {
+      (void)cudaGetLastError();
+      throw std::runtime_error(std::string("CUDA graph capture failed: ") + cudaGetErrorString(ended));
+    }
+    const cudaError_t made = cudaGraphInstantiateWithFlags(&exec_, graph, cudaGraphInstantiateFlagAutoFreeOnLaunch);
+    C10_CUDA_CHECK_WARN(cudaGraphDestroy(graph));
+    if (made != cudaSuccess) {
+      exec_ = nullptr;
+      (void)cudaGetLastError();
+      throw std::runtime_error(std::string("CUDA graph instantiation failed: ") + cudaGetErrorString(made));
+    }
+  }
+
+  // After an error inside the capture: end it, drop whatever was captured, stop routing.
+  void abort() noexcept {
+    if (capturing_) {
+      cudaGraph_t graph = nullptr;
+      if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph) (void)cudaGraphDestroy(graph);
+      (void)cudaGetLastError();
+      capturing_ = false;
+    }
+    finish_routing();
+  }
+
+  void replay(cudaStream_t stream) { C10_CUDA_CHECK(cudaGraphLaunch(exec_, stream)); }
+
+  ~PoolGraph() {
+    abort();
+    if (exec_) C10_CUDA_CHECK_WARN(cudaGraphExecDestroy(exec_));
+    if (pool_begun_) c10::cuda::CUDACachingAllocator::releasePool(device_, pool_);
+  }
+
+ private:
+  void finish_routing() noexcept {
+    if (!routing_) return;
+    routing_ = false;
+    mark_capture(c10::cuda::CUDACachingAllocator::get(), device_, false, 0);
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(device_, pool_);
+  }
+
+  c10::DeviceIndex device_;
+  cudaStream_t stream_;
+  c10::MempoolId_t pool_;
+  cudaGraphExec_t exec_ = nullptr;
+  bool pool_begun_ = false, routing_ = false, capturing_ = false;
+};
+
+// A stream only this runtime enqueues on (torch's pool streams are shared round-robin with
+// torch.cuda.Stream(), and another thread's work on a capturing stream would join the capture).
+class OwnStream {
+ public:
+  explicit OwnStream(c10::DeviceIndex device) : device_(device) {
+    c10::cuda::CUDAGuard guard(device);
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw_, cudaStreamNonBlocking));
+  }
+  OwnStream(const OwnStream&) = delete;
+  OwnStream& operator=(const OwnStream&) = delete;
+  ~OwnStream() {
+    c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK_WARN(cudaStreamSynchronize(raw_));
+    C10_CUDA_CHECK_WARN(cudaStreamDestroy(raw_));
+  }
+  c10::cuda::CUDAStream stream() const { return c10::cuda::getStreamFromExternal(raw_, device_); }
+
+ private:
+  c10::DeviceIndex device_;
+  cudaStream_t raw_ = nullptr;
+};
+
 struct GraphEntry {
-  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  std::unique_ptr<PoolGraph> graph;  // declared first: destroyed after the tensors in its pool
   std::vector<at::Tensor> static_inputs;  // one per tensor input, in input order
   std::vector<at::Tensor> static_outputs;
 };
@@ -68,7 +182,7 @@ struct GraphEntry {
 // Per slot: its captured graphs and the stream captures happen on. Only the slot's holder touches it.
 struct SlotGraphs {
   std::unordered_map<GraphKey, std::unique_ptr<GraphEntry>, GraphKeyHash> entries;
-  std::optional<c10::cuda::CUDAStream> capture_stream;
+  std::unique_ptr<OwnStream> capture_stream;
   bool warned_full = false;
 };
 
@@ -146,6 +260,19 @@ class Runner {
     }
   }
 
+  Runner(const Runner&) = delete;
+  Runner& operator=(const Runner&) = delete;
+
+  ~Runner() {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+    // Replays may still run on the GPU: their pools' memory must not be handed out before they end.
+    if (graphs_captured() > 0) {
+      c10::cuda::CUDAGuard guard(device_.index());
+      C10_CUDA_CHECK_WARN(cudaDeviceSynchronize());
+    }
+#endif
+  }
+
   py::object run(py::handle fn, py::tuple inputs) {
     check_inputs(inputs);
 #ifdef TORCHTRT_EXT_WITH_CUDA
@@ -153,7 +280,7 @@ class Runner {
 #endif
     SlotPool::Grant grant = acquire(/*stream=*/0);
     SlotLease lease(pool_, grant.slot);
-    return fn(inputs, grant.slot);
+    return invoke(fn, inputs, grant.slot);
   }
 
   py::object run_graphed(py::handle fn, py::tuple inputs) {
@@ -174,10 +301,30 @@ class Runner {
     for (size_t s = 0; s < graphs_.size(); ++s) {
       if (!pool_.hold(static_cast<int64_t>(s))) continue;  // never created: nothing captured
       SlotLease lease(pool_, static_cast<int64_t>(s));
+      // A replay may still run on the GPU; its pool's memory must not be handed out before it ends.
+      if (!graphs_[s].entries.empty()) C10_CUDA_CHECK(cudaDeviceSynchronize());
       graphs_[s].entries.clear();
       graphs_[s].warned_full = false;
     }
 #endif
+  }
+
+  // Let the runtime call the engine's compiled function itself: callable(*args), where args is
+  // `arguments` (the weights, in place) with the call's inputs put at `input_positions`. From then on
+  // fn is not called; no Python frame runs between the caller and the compiled code. Binding again
+  // (new weight tensors, say) takes effect at the next call; calls never see half of a binding.
+  void bind(py::object callable, py::list arguments, std::vector<int64_t> input_positions) {
+    auto bound = std::make_shared<Bound>();
+    bound->callable = std::move(callable);
+    for (py::handle a : arguments) bound->arguments.push_back(py::reinterpret_borrow<py::object>(a));
+    for (int64_t p : input_positions) {
+      if (p < 0 || p >= static_cast<int64_t>(bound->arguments.size())) {
+        throw std::invalid_argument("input position " + std::to_string(p) + " is outside the " +
+                                    std::to_string(bound->arguments.size()) + " arguments");
+      }
+    }
+    bound->input_positions = std::move(input_positions);
+    bound_ = std::move(bound);  // under the GIL, like every reader
   }
 
   std::string device() const { return device_.str(); }
@@ -187,7 +334,9 @@ class Runner {
   int64_t graphs_captured() const {
 #ifdef TORCHTRT_EXT_WITH_CUDA
     int64_t n = 0;
-    for (const auto& g : graphs_) n += static_cast<int64_t>(g.entries.size());
+    for (const auto& g : graphs_) {
+      for (const auto& e : g.entries) n += e.second->graph ? 1 : 0;
+    }
     return n;
 #else
     return 0;
@@ -204,10 +353,41 @@ class Runner {
       if (!t.defined() || t.device() == device_) continue;
       if (t.is_cpu() && t.dim() == 0) continue;  // CPU scalars mix with any device
       const std::string engine_device = device_.str();
-      throw InputDeviceError("input " + std::to_string(i) + " is on " + t.device().str() +
+      throw BadInput("input " + std::to_string(i) + " is on " + t.device().str() +
                              " but the engine runs on " + engine_device + "; every tensor input must be on " +
                              engine_device + " (move it with .to('" + engine_device + "'))");
     }
+  }
+
+  struct Bound {
+    py::object callable;
+    std::vector<py::object> arguments;
+    std::vector<int64_t> input_positions;
+  };
+
+  // fn(inputs, slot), or the bound callable with the inputs put into its arguments. Needs the GIL.
+  py::object invoke(py::handle fn, const py::tuple& inputs, int64_t slot) {
+    if (!bound_) return fn(inputs, slot);
+    const std::shared_ptr<Bound> bound = bound_;  // a concurrent bind() cannot free it under us
+    const Py_ssize_t n = PyTuple_GET_SIZE(inputs.ptr());
+    if (n != static_cast<Py_ssize_t>(bound->input_positions.size())) {
+      throw BadInput("the engine takes " + std::to_string(bound->input_positions.size()) + " inputs, got " +
+                     std::to_string(n));
+    }
+    py::tuple args(bound->arguments.size());
+    for (size_t i = 0; i < bound->arguments.size(); ++i) {
+      PyTuple_SET_ITEM(args.ptr(), i, bound->arguments[i].inc_ref().ptr());
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyTuple_GET_ITEM(inputs.ptr(), i);
+      PyObject* old = PyTuple_GET_ITEM(args.ptr(), bound->input_positions[i]);
+      Py_INCREF(item);
+      PyTuple_SET_ITEM(args.ptr(), bound->input_positions[i], item);
+      Py_DECREF(old);
+    }
+    PyObject* result = PyObject_Call(bound->callable.ptr(), args.ptr(), nullptr);
+    if (result == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(result);
   }
 
   SlotPool::Grant acquire(int64_t stream) {
@@ -229,9 +409,9 @@ class Runner {
     SlotPool::Grant grant = acquire(where.exec.id());
     SlotLease lease(pool_, grant.slot);
     fence_previous(grant, where.exec);
-    if (where.exec == where.caller) return fn(inputs, grant.slot);  // hot path: no stream switch
+    if (where.exec == where.caller) return invoke(fn, inputs, grant.slot);  // hot path: no stream switch
     c10::cuda::CUDAStreamGuard stream_guard(where.exec);
-    return fn(inputs, grant.slot);
+    return invoke(fn, inputs, grant.slot);
   }
 
   py::object run_graphed_cuda(py::handle fn, const py::tuple& inputs) {
@@ -250,7 +430,7 @@ class Runner {
     if (key && !is_capturing(where.exec)) {  // inside the caller's own capture, just run fn
       auto found = slot.entries.find(*key);
       if (found != slot.entries.end()) {
-        entry = found->second.get();
+        if (found->second->graph) entry = found->second.get();  // else: this signature failed to capture
       } else if (slot.entries.size() < kMaxGraphsPerSlot) {
         entry = capture(fn, inputs, tensors, positions, grant.slot, where.exec, slot, std::move(*key));
       } else if (!slot.warned_full) {
@@ -262,7 +442,7 @@ class Runner {
     }
     if (entry == nullptr) {  // not capturable: run as usual
       at::NoGradGuard no_grad;
-      return fn(inputs, grant.slot);
+      return invoke(fn, inputs, grant.slot);
     }
 
     std::vector<at::Tensor> outputs;
@@ -270,7 +450,7 @@ class Runner {
       py::gil_scoped_release no_gil;
       at::NoGradGuard no_grad;
       for (size_t i = 0; i < tensors.size(); ++i) entry->static_inputs[i].copy_(tensors[i], /*non_blocking=*/true);
-      entry->graph->replay();
+      entry->graph->replay(where.exec.stream());
       outputs.reserve(entry->static_outputs.size());
       for (const at::Tensor& out : entry->static_outputs) outputs.push_back(out.clone());
     }
@@ -299,29 +479,44 @@ class Runner {
       static_args[positions[i]] = py::reinterpret_steal<py::object>(THPVariable_Wrap(s));
       entry->static_inputs.push_back(std::move(s));
     }
-    if (!slot.capture_stream) slot.capture_stream = c10::cuda::getStreamFromPool(false, device_.index());
-    const c10::cuda::CUDAStream cs = *slot.capture_stream;
+    if (!slot.capture_stream) slot.capture_stream = std::make_unique<OwnStream>(device_.index());
+    const c10::cuda::CUDAStream cs = slot.capture_stream->stream();
     fence(exec, cs);
     {
       c10::cuda::CUDAStreamGuard on_capture_stream(cs);
-      fn(static_args, slot_index);  // warm-up, outside the capture
-      entry->graph = std::make_unique<at::cuda::CUDAGraph>();
-      entry->graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
-      py::object outs;
+      invoke(fn, static_args, slot_index);  // warm-up, outside the capture
+      // fn ran fine just now, so an error from here on is the capture's: warn, and let this signature
+      // run without a graph from now on (a graph-less entry remembers that).
+      std::string failure;
       try {
-        outs = fn(static_args, slot_index);
-      } catch (...) {
+        auto graph = std::make_unique<PoolGraph>(device_.index(), cs.stream());
+        graph->begin();
+        py::object outs;
         try {
-          entry->graph->capture_end();
+          outs = invoke(fn, static_args, slot_index);
         } catch (...) {
-          // The capture is invalid anyway; the error from fn is the one to report.
+          graph->abort();
+          throw;
         }
-        throw;
+        graph->end();
+        entry->static_outputs = tensors_of(outs);
+        if (entry->static_outputs.empty() && !outs.is_none() && py::len(outs) != 0) {
+          throw std::runtime_error("the engine did not return a list of tensors");
+        }
+        entry->graph = std::move(graph);
+      } catch (py::error_already_set& e) {
+        failure = e.what();
+      } catch (const std::exception& e) {
+        failure = e.what();
       }
-      entry->graph->capture_end();
-      entry->static_outputs = tensors_of(outs);
-      if (entry->static_outputs.empty() && !outs.is_none() && py::len(outs) != 0) {
-        throw std::runtime_error("CUDA-graph mode needs an engine that returns a list of tensors");
+      if (!failure.empty()) {
+        entry->static_outputs.clear();
+        entry->static_inputs.clear();
+        slot.entries.emplace(std::move(key), std::move(entry));
+        const std::string message = "torchtrt_ext: could not capture a CUDA graph for this input signature, so it "
+                                    "runs without one: " + failure.substr(0, 500);
+        if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) < 0) throw py::error_already_set();
+        return nullptr;
       }
     }
     fence(cs, exec);
@@ -335,6 +530,7 @@ class Runner {
 
   c10::Device device_;
   SlotPool pool_;
+  std::shared_ptr<Bound> bound_;
 };
 
 bool built_with_cuda() {
@@ -354,7 +550,7 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception_translator([](std::exception_ptr error) {
     try {
       if (error) std::rethrow_exception(error);
-    } catch (const torchtrt_ext::InputDeviceError& e) {
+    } catch (const torchtrt_ext::BadInput& e) {
       PyErr_SetString(torchtrt_ext::g_input_error ? torchtrt_ext::g_input_error : PyExc_ValueError, e.what());
     }
   });
@@ -366,7 +562,7 @@ PYBIND11_MODULE(_C, m) {
         cls.inc_ref();  // kept for the life of the process
         torchtrt_ext::g_input_error = cls.ptr();
       },
-      "Set the exception class raised for inputs on the wrong device.");
+      "Set the exception class raised for inputs the engine cannot take.");
   py::class_<Runner>(m, "Runner")
       .def(py::init<const std::string&, int64_t>(), py::arg("device"), py::arg("max_slots"))
       .def("run", &Runner::run, py::arg("fn"), py::arg("inputs"),
@@ -376,6 +572,8 @@ PYBIND11_MODULE(_C, m) {
            "Like run, but capture fn once per slot and input signature as a CUDA graph and replay it "
            "(inputs copied in, outputs cloned out, without the GIL). fn must return a list of tensors.")
       .def("clear_graphs", &Runner::clear_graphs, "Drop every captured CUDA graph.")
+      .def("bind", &Runner::bind, py::arg("callable"), py::arg("arguments"), py::arg("input_positions"),
+           "Call callable(*arguments) with the inputs put at input_positions instead of fn.")
       .def_property_readonly("device", &Runner::device)
       .def_property_readonly("slots_created", &Runner::slots_created)
       .def_property_readonly("max_slots", &Runner::max_slots)

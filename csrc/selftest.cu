@@ -101,7 +101,12 @@ int main(int argc, char** argv) {
   c10::cuda::CUDAGuard guard(0);
 
   std::vector<CUDAStream> custom;
-  for (int i = 0; i < 4; ++i) custom.push_back(c10::cuda::getStreamFromPool(false, 0));
+  // Streams of our own: torch's stream pool needs libtorch_cuda's hooks, which this c10-only test lacks.
+  for (int i = 0; i < 4; ++i) {
+    cudaStream_t raw = nullptr;
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking));
+    custom.push_back(c10::cuda::getStreamFromExternal(raw, 0));
+  }
   SlotPool pool(4);
   std::vector<int*> wrong(threads, nullptr);
   for (int t = 0; t < threads; ++t) {

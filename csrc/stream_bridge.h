@@ -200,11 +200,18 @@ class SideStreams {
 
   // This thread's side stream on `device`: threads are spread round-robin over the pool.
   static c10::cuda::CUDAStream for_this_thread(c10::DeviceIndex device) {
-    thread_local std::vector<int> choice;
-    if (choice.size() <= static_cast<size_t>(device)) choice.resize(device + 1, -1);
-    auto& pool = instance().pool(device);
-    if (choice[device] < 0) choice[device] = pool.next++ % kPerDevice;
-    return pool.stream(choice[device], device);
+    thread_local std::vector<std::optional<c10::cuda::CUDAStream>> mine;  // no lock after the first call
+    if (mine.size() <= static_cast<size_t>(device)) mine.resize(device + 1);
+    if (!mine[device]) {
+      auto& pool = instance().pool(device);
+      int choice;
+      {
+        std::lock_guard<std::mutex> lock(pool.mutex);
+        choice = pool.next++ % kPerDevice;
+      }
+      mine[device] = pool.stream(choice, device);
+    }
+    return *mine[device];
   }
 
  private:

@@ -34,9 +34,11 @@ def test_wrapper_half_precision_matches_eager(name, dtype):
 
 
 class _Wide(torch.nn.Module):
-    """Large weights (3 x 16 MiB) and a tiny input: what CUDA-graph mode is for."""
+    """Large weights (3 x 64 MiB) and a tiny input: what CUDA-graph mode is for. Large enough that a
+    weight copy stands out against what a graph legitimately adds: the cuBLAS workspace of its capture
+    stream (32 MiB on Hopper) and its activations."""
 
-    def __init__(self, width: int = 2048):
+    def __init__(self, width: int = 4096):
         super().__init__()
         self.layers = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(3)])
 
@@ -49,7 +51,7 @@ def test_cuda_graphs_match_eager_and_never_copy_the_weights(entry):
     torch.manual_seed(0)
     model = _Wide().cuda().eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    x = torch.randn(2, 2048, device="cuda")
+    x = torch.randn(2, 4096, device="cuda")
     if entry == "backend":
         compiled = torch.compile(model, backend="torchtrt_ext", options={"cuda_graphs": True}, dynamic=False)
     else:
@@ -58,7 +60,7 @@ def test_cuda_graphs_match_eager_and_never_copy_the_weights(entry):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         for _ in range(6):  # the first call compiles and records the CUDA graph
-            x = torch.randn(2, 2048, device="cuda")
+            x = torch.randn(2, 4096, device="cuda")
             out = compiled(x).clone()
             zoo.assert_matches(out, model(x), torch.float32)
         torch.cuda.synchronize()

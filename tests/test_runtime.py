@@ -27,6 +27,27 @@ def test_input_on_another_device_is_named():
     )
 
 
+def test_bound_callable_gets_the_arguments_with_inputs_put_in_and_fn_is_not_called():
+    runner = Runner("cpu", 2)
+    w = torch.randn(3)
+    runner.bind(lambda *args: [args[0] * args[2], args[1]], [w, None, None], [2, 1])
+
+    def never(inputs, slot):
+        raise AssertionError("fn called although a callable is bound")
+
+    x = torch.randn(3)
+    out = runner.run(never, (x, "tag"))
+    assert torch.equal(out[0], w * x) and out[1] == "tag"
+    w2 = torch.randn(3)
+    runner.bind(lambda *args: args[0] + args[1], [w2, None], [1])  # a new binding takes effect at once
+    assert torch.equal(runner.run(never, (x,)), w2 + x)
+    with pytest.raises(InputError) as e:
+        runner.run(never, (x, x))
+    assert str(e.value) == "the engine takes 1 inputs, got 2"
+    with pytest.raises(ValueError, match="input position 5 is outside the 2 arguments"):
+        runner.bind(lambda *args: None, [w2, None], [5])
+
+
 def test_cpu_scalars_mix_with_any_device():
     runner = Runner("cpu", 1)
     assert runner.run(lambda inputs, slot: len(inputs), (torch.tensor(2.0), torch.ones(3))) == 2

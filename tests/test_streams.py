@@ -64,6 +64,25 @@ def test_cuda_graph_mode_one_graph_set_per_stream_and_outputs_not_overwritten():
     assert engine._runner.graphs_captured == 6  # 3 streams x 2 batch sizes
 
 
+class _Noisy(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 + torch.rand_like(x)
+
+
+def test_cuda_graph_mode_falls_back_with_a_warning_where_capture_fails_and_leaves_rng_usable():
+    """Random numbers cannot be captured by the runtime's graphs (torch's generator is not told), so such
+    an engine warns and runs without a graph; the generator stays usable for everyone else."""
+    compiled = torchtrt_ext.compile(_Noisy(), (torch.randn(8, 16, device="cuda"),), cuda_graphs=True)
+    x = torch.randn(8, 16, device="cuda")
+    with pytest.warns(RuntimeWarning, match="could not capture a CUDA graph for this input signature"):
+        first = compiled(x)
+    for out in (first, compiled(x)):
+        noise = out - 2 * x
+        assert bool(((noise >= 0) & (noise < 1)).all()) and noise.std().item() > 0.1
+    assert compiled.engines[0]._runner.graphs_captured == 0
+    assert torch.randn(4, device="cuda").isfinite().all()
+
+
 @pytest.mark.parametrize("capture_stream", ["given", "torch_default"])
 def test_cuda_graph_capture_on_a_custom_stream_replays_correctly(capture_stream):
     model = zoo.build("encoder", "cuda")

@@ -76,6 +76,9 @@ class BuiltinEngine(Engine):
         start = time.perf_counter()
         self._compiled = _compile(lifted)
         self.compile_seconds = time.perf_counter() - start
+        # The runtime assembles the arguments and calls the compiled code itself (_execute is the
+        # same thing in Python, kept as the reference).
+        self._runner.bind(self._compiled, self._template, self._input_positions)
         mem = self.memory()
         log.info(
             "torchtrt_ext: built-in engine on %s: %d weights, %.1f MiB (%s), Inductor compile %.1f s",
