@@ -101,7 +101,7 @@ int main(int argc, char** argv) {
   c10::cuda::CUDAGuard guard(0);
 
   std::vector<CUDAStream> custom;
-  // Streams of our own: torch's stream pool needs libtorch_cuda's hooks, which this c10-only test lacks.
+  // Streams of our own, as the runtime's capture streams are.
   for (int i = 0; i < 4; ++i) {
     cudaStream_t raw = nullptr;
     C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking));
@@ -116,8 +116,13 @@ int main(int argc, char** argv) {
   std::vector<std::thread> workers;
   for (int t = 0; t < threads; ++t) {
     workers.emplace_back([&, t] {
-      c10::cuda::CUDAGuard device_guard(0);
-      worker(t, calls, pool, custom, wrong[t]);
+      try {
+        c10::cuda::CUDAGuard device_guard(0);
+        worker(t, calls, pool, custom, wrong[t]);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "selftest: thread %d failed: %s\n", t, e.what());
+        std::exit(3);
+      }
     });
   }
   for (auto& w : workers) w.join();

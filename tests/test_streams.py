@@ -106,28 +106,35 @@ def test_cuda_graph_capture_on_a_custom_stream_replays_correctly(capture_stream)
 
 
 def test_each_concurrent_stream_gets_its_own_slot():
-    model = zoo.build("mlp", "cuda")
-    compiled = torchtrt_ext.compile(model, (torch.randn(4, 32, device="cuda"),))
-    engine = compiled.engines[0]
+    from torchtrt_ext._runtime import Runner
+
+    runner = Runner("cuda", 16)
     streams = [torch.cuda.Stream() for _ in range(3)]
     seen: dict[int, set[int]] = {}
-    original = engine._execute
 
     def spy(inputs, slot):
         seen.setdefault(torch.cuda.current_stream().stream_id, set()).add(slot)
-        return original(inputs, slot)
+        return inputs[0] * 2
 
-    engine._execute = spy
-    with torch.no_grad():
-        for _ in range(5):
-            for s in streams:
-                with torch.cuda.stream(s):
-                    compiled(torch.randn(4, 32, device="cuda"))
-    torch.cuda.synchronize()
+    for _ in range(5):
+        for s in streams:
+            with torch.cuda.stream(s):
+                x = torch.randn(4, device="cuda")
+                assert torch.equal(runner.run(spy, (x,)), x * 2)
     assert len(seen) == 3
     slots = [next(iter(v)) for v in seen.values()]
     assert all(len(v) == 1 for v in seen.values()), "a stream kept its slot"
     assert len(set(slots)) == 3, "different streams, different slots"
+
+    model = zoo.build("mlp", "cuda")  # the same through an engine, whose runtime calls the compiled code
+    compiled = torchtrt_ext.compile(model, (torch.randn(4, 32, device="cuda"),))
+    with torch.no_grad():
+        for _ in range(5):
+            for s in streams:
+                with torch.cuda.stream(s):
+                    x = torch.randn(4, 32, device="cuda")
+                    zoo.assert_matches(compiled(x), model(x), torch.float32)
+    assert compiled.engines[0]._runner.slots_created == 3
 
 
 def test_default_stream_caller_sees_outputs_and_engine_sees_inputs():
@@ -159,32 +166,37 @@ def test_engine_error_on_side_stream_leaves_the_engine_usable():
 
 
 def test_threads_on_one_engine_never_share_a_slot():
-    model = zoo.build("mlp", "cuda")
-    compiled = torchtrt_ext.compile(model, (torch.randn(4, 32, device="cuda"),))
-    engine = compiled.engines[0]
+    """Four threads on four streams through one CUDA runner; fn sleeps (GIL released) while it holds
+    its slot, so overlapping holders of one slot would be seen."""
+    import time
+
+    from torchtrt_ext._runtime import Runner
+
+    runner = Runner("cuda", 16)
     lock = threading.Lock()
     active: set[int] = set()
-    clashes = []
-    original = engine._execute
+    clashes, overlaps = [], []
 
-    def spy(inputs, slot):
+    def fn(inputs, slot):
         with lock:
             if slot in active:
                 clashes.append(slot)
             active.add(slot)
+            if len(active) > 1:
+                overlaps.append(len(active))
         try:
-            return original(inputs, slot)
+            time.sleep(0.0005)
+            return inputs[0] + 1
         finally:
             with lock:
                 active.discard(slot)
 
-    engine._execute = spy
-
     def worker():
         s = torch.cuda.Stream()
-        with torch.no_grad(), torch.cuda.stream(s):
+        with torch.cuda.stream(s):
             for _ in range(200):
-                compiled(torch.randn(4, 32, device="cuda"))
+                x = torch.randn(4, device="cuda")
+                assert torch.equal(runner.run(fn, (x,)), x + 1)
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
@@ -193,3 +205,4 @@ def test_threads_on_one_engine_never_share_a_slot():
         t.join()
     torch.cuda.synchronize()
     assert not clashes
+    assert overlaps, "the threads never overlapped, so the test proved nothing"
