@@ -18,6 +18,12 @@
 #include <thread>
 #include <vector>
 
+// libtorch_cuda installs this hook when torch's CUDA initialises; without torch, c10 aborts in
+// MaybeSetDevice (used by CUDAGuard) unless someone does. Exported by libc10_cuda, declared nowhere public.
+namespace c10::cuda::_internal {
+void setHasPrimaryContext(bool (*func)(DeviceIndex));
+}
+
 using namespace torchtrt_ext;
 using c10::cuda::CUDAStream;
 
@@ -97,6 +103,8 @@ void worker(int thread, int calls, SlotPool& pool, const std::vector<CUDAStream>
 int main(int argc, char** argv) {
   const int threads = argc > 1 ? std::atoi(argv[1]) : 4;
   const int calls = argc > 2 ? std::atoi(argv[2]) : 400;
+  C10_CUDA_CHECK(cudaFree(nullptr));  // create device 0's primary context: the only one this test uses
+  c10::cuda::_internal::setHasPrimaryContext([](c10::DeviceIndex device) { return device == 0; });
   c10::cuda::CUDACachingAllocator::init(c10::cuda::device_count());
   c10::cuda::CUDAGuard guard(0);
 

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Build csrc/selftest.cu (the runtime core without Python) against the installed torch's c10 (and
-# libtorch_cuda, linked for the hooks it registers at load: c10 alone aborts in MaybeSetDevice), run it,
+# Build csrc/selftest.cu (the runtime core without Python) against the installed torch's c10, run it,
 # then run it under compute-sanitizer's memcheck, racecheck and synccheck. Needs nvcc and a GPU.
 #   bash scripts/selftest.sh [threads] [calls]
 set -uo pipefail
@@ -12,7 +11,7 @@ ABI=$($PY -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
 BIN=${SELFTEST_BIN:-/tmp/torchtrt_ext_selftest}
 nvcc -std=c++17 -O2 -gencode arch=compute_90,code=sm_90 -DTORCHTRT_EXT_WITH_CUDA -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
   -I"$TORCH/include" -I"$TORCH/include/torch/csrc/api/include" csrc/selftest.cu \
-  -L"$TORCH/lib" -Xlinker --no-as-needed -ltorch_cuda -lc10_cuda -lc10 -Xlinker --as-needed -cudart shared -Xlinker -rpath,"$TORCH/lib" -o "$BIN" || exit 1
+  -L"$TORCH/lib" -lc10_cuda -lc10 -cudart shared -Xlinker -rpath,"$TORCH/lib" -o "$BIN" || exit 1
 "$BIN" "$THREADS" "$CALLS"
 echo "selftest rc=$?"
 for tool in memcheck racecheck synccheck; do
