@@ -22,6 +22,7 @@ BENCHMARKS = {
     "engine_llama": ("benchmarks.bench_engine", "run_llama"),
     "engine_resnet50": ("benchmarks.bench_engine", "run_resnet50"),
     "streams": ("benchmarks.bench_streams", "run"),
+    "refit": ("benchmarks.bench_refit", "run"),
 }
 
 

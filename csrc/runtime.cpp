@@ -26,7 +26,10 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty_strided.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <unordered_map>
 
 #ifdef TORCHTRT_EXT_WITH_CUDA
@@ -278,9 +281,15 @@ class Runner {
 #ifdef TORCHTRT_EXT_WITH_CUDA
     if (device_.is_cuda()) return run_cuda(fn, inputs);
 #endif
+    const std::shared_ptr<Bound> bound = bound_;  // this call's binding, whatever bind() does meanwhile
     SlotPool::Grant grant = acquire(/*stream=*/0);
     SlotLease lease(pool_, grant.slot);
-    return invoke(fn, inputs, grant.slot);
+#ifdef TORCHTRT_EXT_WITH_CUDA
+    Use use(bound.get(), grant.slot, std::nullopt);
+#else
+    Use use(bound.get(), grant.slot);
+#endif
+    return invoke(fn, inputs, grant.slot, bound.get());
   }
 
   py::object run_graphed(py::handle fn, py::tuple inputs) {
@@ -311,9 +320,16 @@ class Runner {
 
   // Let the runtime call the engine's compiled function itself: callable(*args), where args is
   // `arguments` (the weights, in place) with the call's inputs put at `input_positions`. From then on
-  // fn is not called; no Python frame runs between the caller and the compiled code. Binding again
-  // (new weight tensors, say) takes effect at the next call; calls never see half of a binding.
-  void bind(py::object callable, py::list arguments, std::vector<int64_t> input_positions) {
+  // fn is not called; no Python frame runs between the caller and the compiled code. A new binding
+  // (new weight tensors, say) takes effect at the next call; a call never sees half of a binding.
+  //   weights_id: names the weight buffers in `arguments`; CUDA graphs are kept per weights_id, so
+  //     graphs captured for another buffer stay valid for when it is bound again.
+  //   fence: calls on any stream that use this binding first wait for the work enqueued on the
+  //     caller's current stream so far (the refit's copies into those weights).
+  //   track: record, per slot, the end of every call's GPU work, so that retire() can wait for all
+  //     uses of this binding once it is replaced (for writing into its weights again).
+  void bind(py::object callable, py::list arguments, std::vector<int64_t> input_positions, int64_t weights_id,
+            bool fence, bool track) {
     auto bound = std::make_shared<Bound>();
     bound->callable = std::move(callable);
     for (py::handle a : arguments) bound->arguments.push_back(py::reinterpret_borrow<py::object>(a));
@@ -324,7 +340,43 @@ class Runner {
       }
     }
     bound->input_positions = std::move(input_positions);
+    bound->weights_id = weights_id;
+    bound->track = track;
+#ifdef TORCHTRT_EXT_WITH_CUDA
+    if (device_.is_cuda()) {
+      bound->fenced.assign(pool_.max_slots(), 0);
+      if (track) bound->last_use.resize(pool_.max_slots());
+      if (fence) {
+        c10::cuda::CUDAGuard guard(device_.index());
+        bound->ready = std::make_unique<Event>();
+        bound->ready->record(c10::cuda::getCurrentCUDAStream(device_.index()));
+      }
+    }
+#endif
+    retired_ = std::move(bound_);
     bound_ = std::move(bound);  // under the GIL, like every reader
+  }
+
+  // Wait until no call uses the binding that the latest bind() replaced: on the host, until no call is
+  // still enqueuing work with it; on the GPU, the caller's current stream waits for the end of the
+  // work of every call that used it (recorded when it was bound with track=True). After this, work
+  // enqueued on the current stream may overwrite that binding's weights.
+  void retire() {
+    if (!retired_) return;
+    std::shared_ptr<Bound> old = std::move(retired_);
+    {
+      py::gil_scoped_release no_gil;  // calls still using it need the GIL to finish
+      while (old->active.load(std::memory_order_acquire) != 0) std::this_thread::sleep_for(std::chrono::microseconds(20));
+#ifdef TORCHTRT_EXT_WITH_CUDA
+      if (device_.is_cuda()) {
+        c10::cuda::CUDAGuard guard(device_.index());
+        const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device_.index());
+        for (const auto& e : old->last_use) {
+          if (e) e->block(current);
+        }
+      }
+#endif
+    }
   }
 
   std::string device() const { return device_.str(); }
@@ -363,12 +415,66 @@ class Runner {
     py::object callable;
     std::vector<py::object> arguments;
     std::vector<int64_t> input_positions;
+    int64_t weights_id = 0;
+    bool track = false;
+    std::atomic<int64_t> active{0};  // calls between taking this binding and recording their use
+#ifdef TORCHTRT_EXT_WITH_CUDA
+    std::unique_ptr<Event> ready;                  // what every call waits for before its first use
+    std::vector<char> fenced;                      // per slot: already waited for `ready`
+    std::vector<std::unique_ptr<Event>> last_use;  // per slot, with track: end of its latest call
+#endif
+  };
+
+  // One call's use of a binding: waits for the binding's fence on the execution stream (once per
+  // slot), counts the call as active, and at the end records the call's end for retire(). Only the
+  // slot's holder touches the slot's entries.
+  class Use {
+   public:
+#ifdef TORCHTRT_EXT_WITH_CUDA
+    Use(Bound* bound, int64_t slot, std::optional<c10::cuda::CUDAStream> exec)
+        : bound_(bound), slot_(slot), exec_(exec) {
+      if (!bound_) return;
+      bound_->active.fetch_add(1, std::memory_order_acq_rel);
+      if (exec_ && bound_->ready && !bound_->fenced[slot_]) {
+        bound_->ready->block(*exec_);
+        bound_->fenced[slot_] = 1;
+      }
+    }
+    ~Use() {
+      if (!bound_) return;
+      if (exec_ && bound_->track) {
+        auto& e = bound_->last_use[slot_];
+        if (!e) e = std::make_unique<Event>();
+        try {
+          e->record(*exec_);
+        } catch (...) {
+          // a failed record leaves the previous one; retire() then waits for an earlier point
+        }
+      }
+      bound_->active.fetch_sub(1, std::memory_order_acq_rel);
+    }
+#else
+    Use(Bound* bound, int64_t slot) : bound_(bound), slot_(slot) {
+      if (bound_) bound_->active.fetch_add(1, std::memory_order_acq_rel);
+    }
+    ~Use() {
+      if (bound_) bound_->active.fetch_sub(1, std::memory_order_acq_rel);
+    }
+#endif
+    Use(const Use&) = delete;
+    Use& operator=(const Use&) = delete;
+
+   private:
+    Bound* bound_;
+    int64_t slot_;
+#ifdef TORCHTRT_EXT_WITH_CUDA
+    std::optional<c10::cuda::CUDAStream> exec_;
+#endif
   };
 
   // fn(inputs, slot), or the bound callable with the inputs put into its arguments. Needs the GIL.
-  py::object invoke(py::handle fn, const py::tuple& inputs, int64_t slot) {
-    if (!bound_) return fn(inputs, slot);
-    const std::shared_ptr<Bound> bound = bound_;  // a concurrent bind() cannot free it under us
+  static py::object invoke(py::handle fn, const py::tuple& inputs, int64_t slot, const Bound* bound) {
+    if (!bound) return fn(inputs, slot);
     const Py_ssize_t n = PyTuple_GET_SIZE(inputs.ptr());
     if (n != static_cast<Py_ssize_t>(bound->input_positions.size())) {
       throw BadInput("the engine takes " + std::to_string(bound->input_positions.size()) + " inputs, got " +
@@ -404,26 +510,31 @@ class Runner {
   }
 
   py::object run_cuda(py::handle fn, const py::tuple& inputs) {
+    const std::shared_ptr<Bound> bound = bound_;  // this call's binding, whatever bind() does meanwhile
     c10::cuda::CUDAGuard device_guard(device_.index());
     const Placement where = place(device_.index());
     SlotPool::Grant grant = acquire(where.exec.id());
     SlotLease lease(pool_, grant.slot);
     fence_previous(grant, where.exec);
-    if (where.exec == where.caller) return invoke(fn, inputs, grant.slot);  // hot path: no stream switch
+    Use use(bound.get(), grant.slot, where.exec);
+    if (where.exec == where.caller) return invoke(fn, inputs, grant.slot, bound.get());  // no stream switch
     c10::cuda::CUDAStreamGuard stream_guard(where.exec);
-    return invoke(fn, inputs, grant.slot);
+    return invoke(fn, inputs, grant.slot, bound.get());
   }
 
   py::object run_graphed_cuda(py::handle fn, const py::tuple& inputs) {
     std::vector<at::Tensor> tensors;
     std::vector<Py_ssize_t> positions;
     std::optional<GraphKey> key = graph_key(inputs, tensors, positions);
+    const std::shared_ptr<Bound> bound = bound_;  // this call's binding, whatever bind() does meanwhile
+    if (key) key->push_back(bound ? bound->weights_id : -1);  // graphs read these weights' addresses
     c10::cuda::CUDAGuard device_guard(device_.index());
     const Placement where = place(device_.index());
     SlotPool::Grant grant = acquire(where.exec.id());
     SlotLease lease(pool_, grant.slot);
     fence_previous(grant, where.exec);
     c10::cuda::CUDAStreamGuard stream_guard(where.exec);
+    Use use(bound.get(), grant.slot, where.exec);
 
     SlotGraphs& slot = graphs_[grant.slot];
     GraphEntry* entry = nullptr;
@@ -432,7 +543,7 @@ class Runner {
       if (found != slot.entries.end()) {
         if (found->second->graph) entry = found->second.get();  // else: this signature failed to capture
       } else if (slot.entries.size() < kMaxGraphsPerSlot) {
-        entry = capture(fn, inputs, tensors, positions, grant.slot, where.exec, slot, std::move(*key));
+        entry = capture(fn, inputs, tensors, positions, grant.slot, where.exec, slot, std::move(*key), bound.get());
       } else if (!slot.warned_full) {
         slot.warned_full = true;
         const std::string message = "torchtrt_ext: an engine slot holds " + std::to_string(kMaxGraphsPerSlot) +
@@ -442,7 +553,7 @@ class Runner {
     }
     if (entry == nullptr) {  // not capturable: run as usual
       at::NoGradGuard no_grad;
-      return invoke(fn, inputs, grant.slot);
+      return invoke(fn, inputs, grant.slot, bound.get());
     }
 
     std::vector<at::Tensor> outputs;
@@ -466,7 +577,7 @@ class Runner {
   // creates per-stream library state (cuBLAS workspaces) outside the capture.
   GraphEntry* capture(py::handle fn, const py::tuple& inputs, const std::vector<at::Tensor>& tensors,
                       const std::vector<Py_ssize_t>& positions, int64_t slot_index,
-                      const c10::cuda::CUDAStream& exec, SlotGraphs& slot, GraphKey key) {
+                      const c10::cuda::CUDAStream& exec, SlotGraphs& slot, GraphKey key, const Bound* bound) {
     at::NoGradGuard no_grad;
     auto entry = std::make_unique<GraphEntry>();
     py::tuple static_args(PyTuple_GET_SIZE(inputs.ptr()));
@@ -484,7 +595,7 @@ class Runner {
     fence(exec, cs);
     {
       c10::cuda::CUDAStreamGuard on_capture_stream(cs);
-      invoke(fn, static_args, slot_index);  // warm-up, outside the capture
+      invoke(fn, static_args, slot_index, bound);  // warm-up, outside the capture
       // fn ran fine just now, so an error from here on is the capture's: warn, and let this signature
       // run without a graph from now on (a graph-less entry remembers that).
       std::string failure;
@@ -493,7 +604,7 @@ class Runner {
         graph->begin();
         py::object outs;
         try {
-          outs = invoke(fn, static_args, slot_index);
+          outs = invoke(fn, static_args, slot_index, bound);
         } catch (...) {
           graph->abort();
           throw;
@@ -530,7 +641,76 @@ class Runner {
 
   c10::Device device_;
   SlotPool pool_;
-  std::shared_ptr<Bound> bound_;
+  std::shared_ptr<Bound> bound_;    // read and replaced under the GIL
+  std::shared_ptr<Bound> retired_;  // the binding bind() replaced, until retire()
+};
+
+// Watches where a module keeps its weights: entries (dict, key) of modules' _parameters/_buffers.
+// changed() lists the entries whose tensor was replaced (another object in the dict), moved to new
+// memory (.data swapped) or written in place (version counter) since accept(); one pass in C++,
+// cheap enough to run on every call of the drop-in wrapper.
+class WeightWatch {
+ public:
+  void add(py::dict owner, py::str key) {
+    Entry e{owner, key, py::none(), 0, nullptr};
+    snapshot(e);
+    entries_.push_back(std::move(e));
+  }
+
+  std::vector<int64_t> changed() const {
+    std::vector<int64_t> result;
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      const Entry& e = entries_[i];
+      PyObject* current = PyDict_GetItemWithError(e.owner.ptr(), e.key.ptr());  // borrowed
+      if (current == nullptr && PyErr_Occurred()) throw py::error_already_set();
+      if (current != e.object.ptr()) {
+        result.push_back(static_cast<int64_t>(i));
+        continue;
+      }
+      if (current == nullptr || !THPVariable_Check(current)) continue;
+      const at::Tensor& t = THPVariable_Unpack(current);
+      if (t.unsafeGetTensorImpl()->version_counter().current_version() != e.version || t.data_ptr() != e.data) {
+        result.push_back(static_cast<int64_t>(i));
+      }
+    }
+    return result;
+  }
+
+  // Take entry i's current state as the new reference.
+  void accept(int64_t i) {
+    if (i < 0 || i >= static_cast<int64_t>(entries_.size())) throw std::out_of_range("no watch entry " + std::to_string(i));
+    snapshot(entries_[i]);
+  }
+
+  void accept_all() {
+    for (Entry& e : entries_) snapshot(e);
+  }
+
+  size_t size() const { return entries_.size(); }
+
+ private:
+  struct Entry {
+    py::dict owner;
+    py::str key;
+    py::object object;
+    uint32_t version;
+    const void* data;
+  };
+
+  static void snapshot(Entry& e) {
+    PyObject* current = PyDict_GetItemWithError(e.owner.ptr(), e.key.ptr());
+    if (current == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    e.object = current ? py::reinterpret_borrow<py::object>(current) : py::object();
+    e.version = 0;
+    e.data = nullptr;
+    if (current != nullptr && THPVariable_Check(current)) {
+      const at::Tensor& t = THPVariable_Unpack(current);
+      e.version = t.unsafeGetTensorImpl()->version_counter().current_version();
+      e.data = t.defined() ? t.data_ptr() : nullptr;
+    }
+  }
+
+  std::vector<Entry> entries_;
 };
 
 bool built_with_cuda() {
@@ -563,6 +743,14 @@ PYBIND11_MODULE(_C, m) {
         torchtrt_ext::g_input_error = cls.ptr();
       },
       "Set the exception class raised for inputs the engine cannot take.");
+  py::class_<torchtrt_ext::WeightWatch>(m, "WeightWatch")
+      .def(py::init<>())
+      .def("add", &torchtrt_ext::WeightWatch::add, py::arg("owner"), py::arg("key"))
+      .def("changed", &torchtrt_ext::WeightWatch::changed,
+           "Indices of the entries replaced, moved or written in place since they were accepted.")
+      .def("accept", &torchtrt_ext::WeightWatch::accept, py::arg("index"))
+      .def("accept_all", &torchtrt_ext::WeightWatch::accept_all)
+      .def("__len__", &torchtrt_ext::WeightWatch::size);
   py::class_<Runner>(m, "Runner")
       .def(py::init<const std::string&, int64_t>(), py::arg("device"), py::arg("max_slots"))
       .def("run", &Runner::run, py::arg("fn"), py::arg("inputs"),
@@ -573,7 +761,10 @@ PYBIND11_MODULE(_C, m) {
            "(inputs copied in, outputs cloned out, without the GIL). fn must return a list of tensors.")
       .def("clear_graphs", &Runner::clear_graphs, "Drop every captured CUDA graph.")
       .def("bind", &Runner::bind, py::arg("callable"), py::arg("arguments"), py::arg("input_positions"),
-           "Call callable(*arguments) with the inputs put at input_positions instead of fn.")
+           py::arg("weights_id") = 0, py::arg("fence") = false, py::arg("track") = false,
+           "Call callable(*arguments) with the inputs put at input_positions instead of fn (see runtime.cpp).")
+      .def("retire", &Runner::retire,
+           "Wait (host, and the current stream) until no call uses the binding the latest bind() replaced.")
       .def_property_readonly("device", &Runner::device)
       .def_property_readonly("slots_created", &Runner::slots_created)
       .def_property_readonly("max_slots", &Runner::max_slots)

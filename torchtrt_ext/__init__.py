@@ -10,7 +10,8 @@ from __future__ import annotations
 from . import _runtime  # noqa: F401  (fails loudly when the C++ runtime is missing)
 from .backend import BACKEND_NAME, register as _register_backend, torchtrt_ext_backend
 from .engines import Engine, MemoryUse
-from .errors import EngineUnavailableError, InputError, OptionError, TorchTRTExtError
+from .errors import EngineUnavailableError, InputError, OptionError, RefitError, TorchTRTExtError, WeightFileError
+from .refit import RefitReport, refit
 from .registry import engines_of
 from .settings import Settings, describe_options, option_names
 from .wrapper import CompiledModule, compile
@@ -25,12 +26,16 @@ __all__ = [
     "InputError",
     "MemoryUse",
     "OptionError",
+    "RefitError",
+    "RefitReport",
     "Settings",
     "TorchTRTExtError",
+    "WeightFileError",
     "compile",
     "describe_options",
     "engines_of",
     "option_names",
+    "refit",
     "torchtrt_ext_backend",
 ]
 

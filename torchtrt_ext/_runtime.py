@@ -17,4 +17,5 @@ except ImportError as exc:  # never hidden: nothing works without the runtime
 _C.set_input_error(InputError)
 
 Runner = _C.Runner
+WeightWatch = _C.WeightWatch
 built_with_cuda: bool = _C.built_with_cuda()

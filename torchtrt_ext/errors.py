@@ -17,3 +17,15 @@ class EngineUnavailableError(TorchTRTExtError, RuntimeError):
 
 class InputError(TorchTRTExtError, ValueError):
     """A call passed inputs the engine cannot take (wrong device, mixed devices, wrong structure)."""
+
+
+class RefitError(TorchTRTExtError, ValueError):
+    """New weights were refused; the engines are unchanged. ``failures`` maps each failing name to why."""
+
+    def __init__(self, message: str, failures: dict[str, str] | None = None):
+        super().__init__(message)
+        self.failures = dict(failures or {})
+
+
+class WeightFileError(TorchTRTExtError, ValueError):
+    """A weights file is missing, truncated, corrupt or of an unknown format; nothing was loaded from it."""

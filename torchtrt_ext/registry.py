@@ -20,8 +20,10 @@ def _storage_id(t: torch.Tensor) -> int:
 
 
 def add(engine: object, model_tensors: Iterable[torch.Tensor]) -> None:
+    """Record that `engine` serves a model holding these tensors (added to what is known already)."""
     with _lock:
-        _engines[engine] = frozenset(_storage_id(t) for t in model_tensors if t.numel() > 0)
+        known = _engines.get(engine, frozenset())
+        _engines[engine] = known | frozenset(_storage_id(t) for t in model_tensors if t.numel() > 0)
 
 
 def engines_of(module: torch.nn.Module) -> list:

@@ -14,6 +14,7 @@ from .errors import OptionError
 
 ENGINE_KINDS = ("auto", "builtin", "tensorrt")
 FRONTENDS = ("auto", "export", "dynamo")
+REFIT_MODES = ("none", "refit", "identical")
 
 
 def _option(
@@ -40,6 +41,19 @@ class Settings:
         False,
         "capture the engine as CUDA graphs (one per stream and input signature) and replay them without "
         "the GIL; for small batches. Weights are read in place, never copied into the graphs",
+    )
+    refit: str = _option(
+        "refit",
+        "weight updates without recompiling: 'refit' (any new values of the same names and shapes, by "
+        "torchtrt_ext.refit or, in the drop-in wrapper, by changing the model's weights), 'identical' (only "
+        "the build-time values: for weight-stripped engines), or 'none' (refused; TensorRT may then fold "
+        "the weights into the engine)",
+        choices=REFIT_MODES,
+    )
+    refit_double_buffer: bool = _option(
+        False,
+        "stage refitted weights in a second device buffer and switch at one point, so calls in flight on "
+        "other streams finish with the old weights and none sees a mix; costs one more copy of the weights",
     )
     frontend: str = _option(
         "auto",

@@ -14,6 +14,7 @@ import functools
 import inspect
 import itertools
 import logging
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -22,7 +23,8 @@ import torch.utils._pytree as pytree
 from . import lifting, registry
 from .backend import torchtrt_ext_backend
 from .engines import Engine, build_engine, resolve_kind
-from .errors import InputError, TorchTRTExtError
+from ._runtime import WeightWatch
+from .errors import InputError, RefitError, TorchTRTExtError
 from .settings import Settings
 from .signature import InputSignature
 
@@ -72,6 +74,57 @@ class CompiledModule(torch.nn.Module):
         self._variants: list[_Variant] = []
         self._dynamo: Any = None
         self._forward_signature = inspect.signature(module.forward)
+        self._watch, self._watched, self._watched_names = _watch_weights(module)
+        self._weights_lock = threading.RLock()
+
+    def _follow_weights(self) -> None:
+        """Auto-refit: where the model's weights were replaced or written in place since the last
+        call (load_state_dict, an optimizer step, assignment), make the engines use the new values.
+        One pass of the runtime's WeightWatch when nothing changed."""
+        if not self._watch.changed() or self.settings.refit == "none":
+            return
+        with self._weights_lock:  # a refit on another thread may be loading these very weights
+            changed = self._watch.changed()
+            if changed:
+                self._follow(changed)
+
+    def _follow(self, changed: list[int]) -> None:
+        current: dict[str, torch.Tensor] = {}
+        for i in changed:
+            owner, key = self._watched[i]
+            value = owner.get(key)
+            if isinstance(value, torch.Tensor):
+                current[self._watched_names[i]] = value
+        engines = self.engines
+        problems: dict[str, str] = {}
+        for engine in engines:  # everything checked before any engine changes
+            index, tensors = engine.weight_index(), engine.weight_tensors()
+            for name, t in current.items():
+                if name in index and not _follows(t, tensors[index[name]]):
+                    old = tensors[index[name]]
+                    problems[name] = (
+                        f"is now {tuple(t.shape)} {t.dtype} on {t.device}, but the engine was compiled for "
+                        f"{tuple(old.shape)} {old.dtype} on {old.device}"
+                    )
+        if problems:
+            raise RefitError(
+                f"{type(self.original).__name__}'s weights changed in a way the compiled engines cannot "
+                "follow; compile the model again with torchtrt_ext.compile:\n"
+                + "\n".join(f"  {n}: {p}" for n, p in sorted(problems.items())),
+                problems,
+            )
+        for engine in engines:
+            index = engine.weight_index()
+            with engine.refit_lock:
+                engine.follow({index[name]: t for name, t in current.items() if name in index})
+            registry.add(engine, list(engine.weight_tensors()))
+        for i in changed:
+            self._watch.accept(i)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._follow_weights()  # now, so that a weight the engines cannot take fails here
+        return result
 
     @property
     def original(self) -> torch.nn.Module:
@@ -91,6 +144,7 @@ class CompiledModule(torch.nn.Module):
             return getattr(self.__dict__["_original"], name)  # e.g. a Hugging Face model's .config
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._follow_weights()
         if self._dynamo is not None:
             return self._dynamo(*args, **kwargs)
         args, kwargs = self._normalize(args, kwargs)
@@ -199,6 +253,29 @@ class CompiledModule(torch.nn.Module):
                     f"input {i} is on {leaf.device} but the model's weights are on {weight.device}; "
                     f"move the input with .to('{weight.device}')"
                 )
+
+
+def _watch_weights(module: torch.nn.Module) -> tuple[Any, list[tuple[dict, str]], list[str]]:
+    """A runtime WeightWatch over every parameter and buffer slot of the module, by state_dict name."""
+    watch = WeightWatch()
+    owners: list[tuple[dict, str]] = []
+    names: list[str] = []
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for table in (sub._parameters, sub._buffers):
+            for key, value in table.items():
+                if value is None:
+                    continue
+                watch.add(table, key)
+                owners.append((table, key))
+                names.append(f"{prefix}.{key}" if prefix else key)
+    return watch, owners, names
+
+
+def _follows(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether an engine compiled for `old` can compute with `new` (converting floating dtypes)."""
+    if new.shape != old.shape or new.device != old.device:
+        return False
+    return new.dtype == old.dtype or (new.dtype.is_floating_point and old.dtype.is_floating_point)
 
 
 def _first_line(exc: BaseException) -> str:

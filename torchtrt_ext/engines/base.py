@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import threading
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -46,6 +47,8 @@ class Engine(abc.ABC):
         self.device = device
         self.settings = settings
         self._runner = Runner(str(device), max_slots)
+        # Held while the engine's weights change (refit, auto-refit): one change at a time.
+        self.refit_lock = threading.RLock()
         # CUDA-graph mode: the runtime captures _execute per stream slot and input signature, and
         # replays it without the GIL.
         self._run = self._runner.run_graphed if settings.cuda_graphs else self._runner.run
@@ -58,9 +61,31 @@ class Engine(abc.ABC):
     def _execute(self, inputs: tuple[Any, ...], slot: int) -> list[torch.Tensor]:
         """Run once on the current stream, using execution state `slot` (never shared at once)."""
 
+    # --- weights: named by the model's state_dict names; tied names share one index -------------
+
     @abc.abstractmethod
+    def weight_index(self) -> Mapping[str, int]:
+        """Each weight name -> the index of its tensor in weight_tensors() (tied names share one)."""
+
+    @abc.abstractmethod
+    def weight_tensors(self) -> Sequence[torch.Tensor]:
+        """The weights the engine computes with now, by index."""
+
     def named_weights(self) -> Mapping[str, torch.Tensor]:
         """The engine's weights by state_dict name (tied weights appear under each of their names)."""
+        tensors = self.weight_tensors()
+        return {name: tensors[index] for name, index in self.weight_index().items()}
+
+    @abc.abstractmethod
+    def load_weights(self, values: Mapping[int, torch.Tensor]) -> None:
+        """Write new values (by index; shapes already checked, dtypes floating-compatible) into the
+        engine, ordered on the caller's current stream: calls that start after this returns, on any
+        stream, use them. Raises RefitError, with the engine unchanged, where it cannot (out of memory)."""
+
+    @abc.abstractmethod
+    def follow(self, values: Mapping[int, torch.Tensor]) -> None:
+        """The model's own tensors for these indices changed (replaced or written in place): make the
+        engine compute with them, by reading them in place where it can, else by loading their values."""
 
     @abc.abstractmethod
     def memory(self) -> MemoryUse:

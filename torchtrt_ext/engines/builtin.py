@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import TorchTRTExtError
+from ..errors import RefitError, TorchTRTExtError
 from ..lifting import LiftedGraph
 from ..settings import Settings
 from .base import Engine, MemoryUse, weight_memory
@@ -65,20 +65,22 @@ class BuiltinEngine(Engine):
         for index, w in enumerate(lifted.weights):
             for name in (w.name, *w.aliases):
                 self._names[name] = index
-        # The weight table: detached aliases of the model's tensors, in slot order.
+        # The weight table: detached aliases of the model's tensors, in index order.
         self._table = [w.tensor.detach() for w in lifted.weights]
         self._weight_positions = [w.position for w in lifted.weights]
         self._input_positions = list(lifted.input_positions)
-        self._template: list[Any] = [None] * lifted.num_placeholders
-        for position, tensor in zip(self._weight_positions, self._table):
-            self._template[position] = tensor
+        self._num_args = lifted.num_placeholders
+        # refit_double_buffer: the inactive buffer (allocated at the first refit), which of the two is
+        # active (it names the buffer to the runtime, which keeps CUDA graphs per buffer), and the
+        # indices where the inactive buffer differs from the active one (None: all of them).
+        self._spare: list[torch.Tensor] | None = None
+        self._active_id = 0
+        self._spare_stale: set[int] | None = None
 
         start = time.perf_counter()
         self._compiled = _compile(lifted)
         self.compile_seconds = time.perf_counter() - start
-        # The runtime assembles the arguments and calls the compiled code itself (_execute is the
-        # same thing in Python, kept as the reference).
-        self._runner.bind(self._compiled, self._template, self._input_positions)
+        self._bind(fence=False)
         mem = self.memory()
         log.info(
             "torchtrt_ext: built-in engine on %s: %d weights, %.1f MiB (%s), Inductor compile %.1f s",
@@ -89,18 +91,139 @@ class BuiltinEngine(Engine):
             self.compile_seconds,
         )
 
+    def _arguments(self) -> list[Any]:
+        args: list[Any] = [None] * self._num_args
+        for position, tensor in zip(self._weight_positions, self._table):
+            args[position] = tensor
+        return args
+
+    def _bind(self, fence: bool) -> None:
+        """Hand the runtime the compiled code and the current weights; it assembles each call's
+        arguments itself. fence: later calls on any stream first wait for the caller's stream."""
+        self._runner.bind(
+            self._compiled,
+            self._arguments(),
+            self._input_positions,
+            weights_id=self._active_id,
+            fence=fence,
+            track=self.settings.refit_double_buffer,
+        )
+
     def _execute(self, inputs: tuple[Any, ...], slot: int) -> list[torch.Tensor]:
+        """What the runtime does with the bound arguments, in Python (used when nothing is bound)."""
         if len(inputs) != len(self._input_positions):
-            raise TorchTRTExtError(
-                f"the engine takes {len(self._input_positions)} inputs, got {len(inputs)}"
-            )
-        args = self._template.copy()
+            raise TorchTRTExtError(f"the engine takes {len(self._input_positions)} inputs, got {len(inputs)}")
+        args = self._arguments()
         for position, value in zip(self._input_positions, inputs):
             args[position] = value
         return self._compiled(*args)
 
-    def named_weights(self) -> Mapping[str, torch.Tensor]:
-        return {name: self._table[index] for name, index in self._names.items()}
+    def weight_index(self) -> Mapping[str, int]:
+        return self._names
+
+    def weight_tensors(self) -> Sequence[torch.Tensor]:
+        return self._table
+
+    def load_weights(self, values: Mapping[int, torch.Tensor]) -> None:
+        if not values:
+            return
+        if self.settings.refit_double_buffer:
+            self._load_double_buffered(values)
+            return
+        # In place: the table's addresses stay, so captured CUDA graphs stay valid. Calls in flight on
+        # other streams may read a mix of old and new values (refit_double_buffer avoids that).
+        ready = _prepare([self._table[i] for i in values], list(values.values()))
+        _copy([self._table[i] for i in values], ready)
+        self._bind(fence=True)
+
+    def _load_double_buffered(self, values: Mapping[int, torch.Tensor]) -> None:
+        # 1. Wait until no call still reads the inactive buffer (it was active before the last refit).
+        self._runner.retire()
+        # 2. Stage everything in the inactive buffer; the active one is untouched, so any failure
+        #    here leaves the engine as it was.
+        spare, stale = self._spare, self._spare_stale
+        if spare is None:
+            try:
+                spare = [torch.empty_like(t) for t in self._table]
+            except torch.OutOfMemoryError:
+                need = sum(t.numel() * t.element_size() for t in self._table)
+                raise RefitError(
+                    f"out of memory allocating the second weight buffer ({need / 2**20:.1f} MiB) that "
+                    "refit_double_buffer needs; the engine is unchanged. Free device memory, or refit "
+                    "in place with refit_double_buffer=False"
+                ) from None
+            stale = None
+        keep = [i for i in (range(len(self._table)) if stale is None else stale) if i not in values]
+        try:
+            ready = _prepare([spare[i] for i in values], list(values.values()))
+            _copy([spare[i] for i in keep] + [spare[i] for i in values], [self._table[i] for i in keep] + ready)
+        except torch.OutOfMemoryError:
+            self._spare, self._spare_stale = spare, None  # keep the allocation; its contents are unknown
+            raise RefitError("out of memory while staging the new weights; the engine is unchanged") from None
+        # 3. Switch at one point: calls from here on (on any stream) wait for the staging copies.
+        self._spare, self._table = self._table, spare
+        self._spare_stale = set(values)
+        self._active_id ^= 1
+        self._bind(fence=True)
+
+    def follow(self, values: Mapping[int, torch.Tensor]) -> None:
+        load: dict[int, torch.Tensor] = {}
+        repointed = False
+        for index, tensor in values.items():
+            current = self._table[index]
+            same_memory = (
+                tensor.device == current.device
+                and tensor.data_ptr() == current.data_ptr()
+                and tensor.shape == current.shape
+                and tensor.stride() == current.stride()
+                and tensor.dtype == current.dtype
+            )
+            if same_memory:
+                continue  # written in place: the engine reads that memory already
+            if (
+                not self.settings.refit_double_buffer
+                and tensor.device == current.device
+                and tensor.dtype == current.dtype
+                and tensor.shape == current.shape
+            ):
+                self._table[index] = tensor.detach()  # replaced: read the new tensor in place
+                repointed = True
+            else:
+                load[index] = tensor.detach()
+        if repointed:
+            if self.settings.cuda_graphs:
+                self._runner.clear_graphs()  # graphs read the old addresses
+            self._bind(fence=False)
+        if load:
+            self.load_weights(load)
 
     def memory(self) -> MemoryUse:
-        return weight_memory(self.device, self._table, self._model_tensors)
+        return weight_memory(self.device, self._table + (self._spare or []), self._model_tensors)
+
+
+def _prepare(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Sources ready to copy without allocating device memory: converted to the destination's dtype on
+    their own device, except CUDA sources on the destination's device (the copy kernel converts)."""
+    ready = []
+    for dst, src in zip(destinations, sources):
+        if src.dtype != dst.dtype and not (src.device == dst.device and src.device.type == "cuda"):
+            src = src.to(dst.dtype)
+        ready.append(src)
+    return ready
+
+
+def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """Copy on the current stream: same-device CUDA pairs in a few multi-tensor launches, the rest
+    one by one (asynchronous from pinned host memory)."""
+    if not destinations:
+        return
+    with torch.no_grad():
+        fused_dst, fused_src = [], []
+        for dst, src in zip(destinations, sources):
+            if dst.device.type == "cuda" and src.device == dst.device and src.dtype == dst.dtype:
+                fused_dst.append(dst)
+                fused_src.append(src)
+            else:
+                dst.copy_(src, non_blocking=True)
+        if fused_dst:
+            torch._foreach_copy_(fused_dst, fused_src, non_blocking=True)

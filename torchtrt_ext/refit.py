@@ -1,0 +1,196 @@
+"""``torchtrt_ext.refit``: new weight values for compiled engines, without recompiling.
+
+Everything is checked before anything changes: names (with strict, none missing and none unknown),
+shapes, dtypes (floating-point values convert to the engine's dtype; anything else must match), tied
+names given different values, and with ``refit='identical'`` equality with the build-time weights. A
+refusal raises RefitError naming every failing weight, and leaves every engine as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import torch
+
+from . import registry
+from .engines.base import Engine
+from .errors import RefitError
+from .weights_io import WeightSource, open_weights
+
+_MAX_LISTED = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RefitReport:
+    """What a refit did: the names it loaded, the names of the new weights no engine uses, the engine
+    weights left as they were (strict=False only), the bytes written and the time taken."""
+
+    updated: tuple[str, ...]
+    unused: tuple[str, ...]
+    missing: tuple[str, ...]
+    engines: int
+    bytes: int
+    seconds: float
+
+
+def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
+    """Load new weight values into the engines of `compiled`, without recompiling.
+
+    compiled: what ``torchtrt_ext.compile`` returned, a ``torch.compile(..., backend="torchtrt_ext")``
+        module (or the model it compiled), or an engine.
+    weights: a state_dict, an ``nn.Module``, or a path to a ``.safetensors`` file (memory-mapped) or a
+        torch checkpoint; names are the original model's state_dict names.
+    strict: every engine weight must be given, and every given name must be a weight of the model.
+
+    The copies are ordered on the caller's current CUDA stream; calls that start after refit returns,
+    on any stream, compute with the new weights.
+    """
+    from .wrapper import CompiledModule
+
+    start = time.perf_counter()
+    engines, model_names = _engines_of(compiled)
+    with contextlib.ExitStack() as held, open_weights(weights) as source:
+        if isinstance(compiled, CompiledModule):
+            held.enter_context(compiled._weights_lock)  # the wrapper's auto-refit waits, then sees this
+            compiled._follow_weights()  # changes to the model made before this refit come first
+        for engine in sorted(engines, key=id):  # one order everywhere: no deadlock between refits
+            held.enter_context(engine.refit_lock)
+        plan, unused, missing = _plan(engines, source, strict, model_names)
+        written = 0
+        for engine, values in plan:
+            engine.load_weights(values)
+            written += sum(v.numel() * v.element_size() for v in values.values())
+        if isinstance(compiled, CompiledModule):
+            compiled._watch.accept_all()  # what the model holds now is what the engines were given
+    updated = sorted(_names_loaded(plan))
+    return RefitReport(
+        updated=tuple(updated),
+        unused=tuple(sorted(unused)),
+        missing=tuple(sorted(missing)),
+        engines=len(engines),
+        bytes=written,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _names_loaded(plan: list[tuple[Engine, dict[int, torch.Tensor]]]) -> set[str]:
+    names: set[str] = set()
+    for engine, values in plan:
+        names.update(name for name, index in engine.weight_index().items() if index in values)
+    return names
+
+
+def _engines_of(compiled: Any) -> tuple[list[Engine], set[str] | None]:
+    """The engines to refit, and the model's state_dict names where a model is known."""
+    from .wrapper import CompiledModule
+
+    if isinstance(compiled, Engine):
+        return [compiled], None
+    if isinstance(compiled, (list, tuple)) and compiled and all(isinstance(e, Engine) for e in compiled):
+        return list(compiled), None
+    if isinstance(compiled, CompiledModule):
+        engines, module = compiled.engines, compiled.original
+    elif isinstance(compiled, torch.nn.Module):
+        module = getattr(compiled, "_orig_mod", compiled)  # torch.compile's OptimizedModule
+        engines = registry.engines_of(module)
+    else:
+        raise TypeError(
+            "refit takes what torchtrt_ext.compile returned, a module compiled with "
+            f"backend='torchtrt_ext' (or its model), or engines; got {type(compiled).__name__}"
+        )
+    if not engines:
+        raise RefitError(
+            f"{type(module).__name__} has no torchtrt_ext engines yet: they are built at the first call "
+            "(or from example_inputs); call the compiled module once before refitting"
+        )
+    return engines, set(module.state_dict().keys())
+
+
+def _plan(
+    engines: Sequence[Engine], source: WeightSource, strict: bool, model_names: set[str] | None
+) -> tuple[list[tuple[Engine, dict[int, torch.Tensor]]], set[str], set[str]]:
+    failures: dict[str, str] = {}
+    for engine in engines:
+        if engine.settings.refit == "none":
+            raise RefitError(
+                "the engine was compiled with refit='none', so its weights cannot change; compile with "
+                "refit='refit' to refit it"
+            )
+    given = set(source.names())
+    engine_names: set[str] = set()
+    for engine in engines:
+        engine_names.update(engine.weight_index())
+    missing = engine_names - given
+    unused = given - engine_names
+    if strict:
+        for name in missing:
+            failures[name] = "missing from the new weights (pass strict=False to keep its current value)"
+        for name in unused:
+            if model_names is None or name not in model_names:
+                failures[name] = "is not a weight of the compiled model (pass strict=False to ignore it)"
+
+    specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    for name in sorted(given & engine_names):
+        spec = source.spec(name)
+        if isinstance(spec, str):
+            failures[name] = spec
+        else:
+            specs[name] = spec
+
+    plan: list[tuple[Engine, dict[int, torch.Tensor]]] = []
+    loaded: dict[str, torch.Tensor] = {}
+    for engine in engines:
+        current = engine.weight_tensors()
+        chosen: dict[int, tuple[str, torch.Tensor]] = {}
+        for name, index in engine.weight_index().items():
+            if name not in specs:
+                continue
+            target = current[index]
+            shape, dtype = specs[name]
+            problem = _mismatch(shape, dtype, target)
+            if problem:
+                failures[name] = problem
+                continue
+            if name not in loaded:
+                loaded[name] = source.tensor(name)
+            value = loaded[name]
+            if index in chosen:
+                other, first = chosen[index]
+                if value is not first and not _same_values(value, first):
+                    failures[name] = f"is tied to {other!r} in the model, but the new weights give them different values"
+                continue
+            if engine.settings.refit == "identical" and not _same_values(value, target):
+                failures[name] = (
+                    "differs from the weight the engine was built with; refit='identical' takes only those "
+                    "values (compile with refit='refit' for new values)"
+                )
+                continue
+            chosen[index] = (name, value)
+        plan.append((engine, {index: value for index, (_, value) in chosen.items()}))
+    if failures:
+        raise RefitError(_failure_message(failures), failures)
+    return plan, unused, missing
+
+
+def _mismatch(shape: torch.Size, dtype: torch.dtype, target: torch.Tensor) -> str | None:
+    if tuple(shape) != tuple(target.shape):
+        return f"has shape {tuple(shape)}, but the engine's weight has shape {tuple(target.shape)}"
+    if dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point):
+        return f"has dtype {dtype}, which cannot become the engine's {target.dtype}"
+    return None
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.data_ptr() == b.data_ptr() and a.device == b.device and a.shape == b.shape and a.stride() == b.stride():
+        return a.dtype == b.dtype
+    return bool(torch.equal(a.to(device=b.device, dtype=b.dtype), b))
+
+
+def _failure_message(failures: dict[str, str]) -> str:
+    lines = [f"  {name}: {reason}" for name, reason in sorted(failures.items())[:_MAX_LISTED]]
+    if len(failures) > _MAX_LISTED:
+        lines.append(f"  ... and {len(failures) - _MAX_LISTED} more (see the error's .failures)")
+    return f"refit refused, the engines are unchanged; {len(failures)} weight(s) failed:\n" + "\n".join(lines)
