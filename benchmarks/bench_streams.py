@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import torchtrt_ext
-from benchmarks.timing import host_us
+from benchmarks.timing import host_us_interleaved
 
 
 class DeepNarrow(nn.Module):
@@ -39,7 +39,7 @@ def _overhead(device: torch.device) -> list[dict]:
     x = torch.randn(1, 16, device=device)
     compiled = torchtrt_ext.compile(model, (x,), dynamic_batch=False)
     engine = compiled.engines[0]
-    args = engine._template.copy()
+    args = engine._arguments()
     for position in engine._input_positions:
         args[position] = x
     direct = engine._compiled
@@ -52,9 +52,11 @@ def _overhead(device: torch.device) -> list[dict]:
                 for _ in range(200):
                     direct(*args), engine(x), compiled(x)
                 torch.cuda.synchronize(device)
-                t_direct = host_us(lambda: direct(*args), calls)
-                t_engine = host_us(lambda: engine(x), calls)
-                t_wrapper = host_us(lambda: compiled(x), calls)
+                t = host_us_interleaved(
+                    {"direct": lambda: direct(*args), "engine": lambda: engine(x), "wrapper": lambda: compiled(x)},
+                    calls // 4,
+                )
+                t_direct, t_engine, t_wrapper = t["direct"], t["engine"], t["wrapper"]
                 torch.cuda.synchronize(device)
             rows.append(
                 {

@@ -66,3 +66,16 @@ def host_us(fn: Callable[[], Any], calls: int, repeats: int = 5) -> float:
             fn()
         results.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(results)
+
+
+def host_us_interleaved(variants: dict[str, Callable[[], Any]], calls: int, rounds: int = 9) -> dict[str, float]:
+    """Median host time per call in microseconds for each variant, the variants timed in turn within
+    each round (A B C A B C ...), so drift in the host's speed hits all of them alike."""
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            results[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(values) for name, values in results.items()}

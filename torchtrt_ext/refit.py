@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -83,7 +83,7 @@ def _names_loaded(plan: list[tuple[Engine, dict[int, torch.Tensor]]]) -> set[str
     return names
 
 
-def _engines_of(compiled: Any) -> tuple[list[Engine], set[str] | None]:
+def _engines_of(compiled: Any) -> tuple[list[Engine], Collection[str] | None]:
     """The engines to refit, and the model's state_dict names where a model is known."""
     from .wrapper import CompiledModule
 
@@ -92,10 +92,12 @@ def _engines_of(compiled: Any) -> tuple[list[Engine], set[str] | None]:
     if isinstance(compiled, (list, tuple)) and compiled and all(isinstance(e, Engine) for e in compiled):
         return list(compiled), None
     if isinstance(compiled, CompiledModule):
-        engines, module = compiled.engines, compiled.original
+        engines, module, names = compiled.engines, compiled.original, compiled.weight_names
     elif isinstance(compiled, torch.nn.Module):
         module = getattr(compiled, "_orig_mod", compiled)  # torch.compile's OptimizedModule
         engines = registry.engines_of(module)
+        names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+        names.update(n for n, _ in module.named_buffers(remove_duplicate=False))
     else:
         raise TypeError(
             "refit takes what torchtrt_ext.compile returned, a module compiled with "
@@ -106,11 +108,11 @@ def _engines_of(compiled: Any) -> tuple[list[Engine], set[str] | None]:
             f"{type(module).__name__} has no torchtrt_ext engines yet: they are built at the first call "
             "(or from example_inputs); call the compiled module once before refitting"
         )
-    return engines, set(module.state_dict().keys())
+    return engines, names
 
 
 def _plan(
-    engines: Sequence[Engine], source: WeightSource, strict: bool, model_names: set[str] | None
+    engines: Sequence[Engine], source: WeightSource, strict: bool, model_names: Collection[str] | None
 ) -> tuple[list[tuple[Engine, dict[int, torch.Tensor]]], set[str], set[str]]:
     failures: dict[str, str] = {}
     for engine in engines:
@@ -146,14 +148,15 @@ def _plan(
         current = engine.weight_tensors()
         chosen: dict[int, tuple[str, torch.Tensor]] = {}
         for name, index in engine.weight_index().items():
-            if name not in specs:
+            spec = specs.get(name)
+            if spec is None:
                 continue
             target = current[index]
-            shape, dtype = specs[name]
-            problem = _mismatch(shape, dtype, target)
-            if problem:
-                failures[name] = problem
-                continue
+            if spec[0] != target.shape or spec[1] != target.dtype:
+                problem = _mismatch(*spec, target)
+                if problem:
+                    failures[name] = problem
+                    continue
             if name not in loaded:
                 loaded[name] = source.tensor(name)
             value = loaded[name]

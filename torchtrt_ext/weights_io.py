@@ -78,7 +78,7 @@ class MappingSource(WeightSource):
         return value.shape, value.dtype
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._weights[name].detach()
+        return self._weights[name]  # only ever read under no_grad
 
 
 class SafetensorsSource(WeightSource):

@@ -77,6 +77,11 @@ class CompiledModule(torch.nn.Module):
         self._watch, self._watched, self._watched_names = _watch_weights(module)
         self._weights_lock = threading.RLock()
 
+    @property
+    def weight_names(self) -> frozenset[str]:
+        """Every parameter and buffer name of the original module (tied ones under each name)."""
+        return self.__dict__.setdefault("_weight_names", frozenset(self._watched_names))
+
     def _follow_weights(self) -> None:
         """Auto-refit: where the model's weights were replaced or written in place since the last
         call (load_state_dict, an optimizer step, assignment), make the engines use the new values.

@@ -212,15 +212,24 @@ def _prepare(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tenso
     return ready
 
 
+# Same-device CUDA copies below this size go into multi-tensor launches (launch cost dominates);
+# larger ones are plain copies (a device-to-device memcpy, at full bandwidth).
+_FUSE_BELOW_BYTES = 1 << 20
+
+
 def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-    """Copy on the current stream: same-device CUDA pairs in a few multi-tensor launches, the rest
-    one by one (asynchronous from pinned host memory)."""
+    """Copy on the current stream (asynchronously from CUDA and pinned host memory)."""
     if not destinations:
         return
     with torch.no_grad():
         fused_dst, fused_src = [], []
         for dst, src in zip(destinations, sources):
-            if dst.device.type == "cuda" and src.device == dst.device and src.dtype == dst.dtype:
+            if (
+                dst.device.type == "cuda"
+                and src.device == dst.device
+                and src.dtype == dst.dtype
+                and dst.numel() * dst.element_size() < _FUSE_BELOW_BYTES
+            ):
                 fused_dst.append(dst)
                 fused_src.append(src)
             else:
