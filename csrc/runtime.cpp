@@ -713,6 +713,35 @@ class WeightWatch {
   std::vector<Entry> entries_;
 };
 
+// Copy src[i] into dst[i] for same-device, same-dtype, same-size contiguous CUDA tensor pairs, as one
+// device-to-device memcpy each, enqueued on the current stream in one C++ loop (no dispatcher or
+// Python work per pair). Checks every pair before enqueuing any copy.
+void copy_device(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src) {
+  if (dst.size() != src.size()) throw std::invalid_argument("copy_device: dst and src differ in length");
+#ifdef TORCHTRT_EXT_WITH_CUDA
+  for (size_t i = 0; i < dst.size(); ++i) {
+    const at::Tensor& d = dst[i];
+    const at::Tensor& s = src[i];
+    if (!d.is_cuda() || d.device() != s.device() || d.scalar_type() != s.scalar_type() || d.numel() != s.numel() ||
+        !d.is_contiguous() || !s.is_contiguous()) {
+      throw std::invalid_argument("copy_device: pair " + std::to_string(i) +
+                                  " is not two contiguous CUDA tensors of one device, dtype and size");
+    }
+  }
+  if (dst.empty()) return;
+  c10::cuda::CUDAGuard guard(dst[0].device().index());
+  py::gil_scoped_release no_gil;
+  for (size_t i = 0; i < dst.size(); ++i) {
+    const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(dst[i].device().index());
+    const size_t bytes = static_cast<size_t>(dst[i].numel()) * dst[i].element_size();
+    if (bytes == 0) continue;
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst[i].data_ptr(), src[i].data_ptr(), bytes, cudaMemcpyDeviceToDevice, stream.stream()));
+  }
+#else
+  if (!dst.empty()) throw std::invalid_argument("copy_device: this build has no CUDA");
+#endif
+}
+
 bool built_with_cuda() {
 #ifdef TORCHTRT_EXT_WITH_CUDA
   return true;
@@ -734,6 +763,8 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(torchtrt_ext::g_input_error ? torchtrt_ext::g_input_error : PyExc_ValueError, e.what());
     }
   });
+  m.def("copy_device", &torchtrt_ext::copy_device, py::arg("dst"), py::arg("src"),
+        "Device-to-device copies of contiguous same-device tensor pairs on the current stream.");
   m.def("built_with_cuda", &torchtrt_ext::built_with_cuda,
         "True when this extension was built against CUDA (streams, events, side streams).");
   m.def(

@@ -350,3 +350,17 @@ def test_double_buffer_out_of_device_memory_leaves_the_engine_unchanged():
     finally:
         del hog
     _assert_unchanged(compiled, snapshot, lambda: compiled(x), expected)
+
+
+@pytest.mark.cuda
+def test_runtime_device_copies_match_and_check_every_pair_first():
+    from torchtrt_ext._runtime import _C
+
+    src = [torch.randn(1000, device="cuda"), torch.randn(3, 5, device="cuda", dtype=torch.float16)]
+    dst = [torch.empty_like(t) for t in src]
+    _C.copy_device(dst, src)
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    before = [d.clone() for d in dst]
+    with pytest.raises(ValueError, match="pair 1 is not two contiguous CUDA tensors of one device, dtype and size"):
+        _C.copy_device(dst, [src[0] * 2, src[1].t()])
+    assert all(torch.equal(d, b) for d, b in zip(dst, before))  # nothing copied

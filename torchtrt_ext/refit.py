@@ -62,7 +62,7 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
         written = 0
         for engine, values in plan:
             engine.load_weights(values)
-            written += sum(v.numel() * v.element_size() for v in values.values())
+            written += sum(v.nbytes for v in values.values())
         if isinstance(compiled, CompiledModule):
             compiled._watch.accept_all()  # what the model holds now is what the engines were given
     updated = sorted(_names_loaded(plan))
@@ -135,7 +135,7 @@ def _plan(
                 failures[name] = "is not a weight of the compiled model (pass strict=False to ignore it)"
 
     specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
-    for name in sorted(given & engine_names):
+    for name in given & engine_names:
         spec = source.spec(name)
         if isinstance(spec, str):
             failures[name] = spec

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._runtime import _C
 from ..errors import RefitError, TorchTRTExtError
 from ..lifting import LiftedGraph
 from ..settings import Settings
@@ -212,27 +213,18 @@ def _prepare(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tenso
     return ready
 
 
-# Same-device CUDA copies below this size go into multi-tensor launches (launch cost dominates);
-# larger ones are plain copies (a device-to-device memcpy, at full bandwidth).
-_FUSE_BELOW_BYTES = 1 << 20
-
-
 def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-    """Copy on the current stream (asynchronously from CUDA and pinned host memory)."""
+    """Copy on the current stream (asynchronously from CUDA and pinned host memory). Contiguous
+    same-device CUDA pairs go to the runtime as plain device-to-device memcpys in one call."""
     if not destinations:
         return
     with torch.no_grad():
-        fused_dst, fused_src = [], []
+        device_dst, device_src = [], []
         for dst, src in zip(destinations, sources):
-            if (
-                dst.device.type == "cuda"
-                and src.device == dst.device
-                and src.dtype == dst.dtype
-                and dst.numel() * dst.element_size() < _FUSE_BELOW_BYTES
-            ):
-                fused_dst.append(dst)
-                fused_src.append(src)
+            if dst.is_cuda and src.device == dst.device and src.dtype == dst.dtype and src.is_contiguous() and dst.is_contiguous():
+                device_dst.append(dst)
+                device_src.append(src)
             else:
                 dst.copy_(src, non_blocking=True)
-        if fused_dst:
-            torch._foreach_copy_(fused_dst, fused_src, non_blocking=True)
+        if device_dst:
+            _C.copy_device(device_dst, device_src)
