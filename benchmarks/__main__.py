@@ -23,6 +23,7 @@ BENCHMARKS = {
     "engine_resnet50": ("benchmarks.bench_engine", "run_resnet50"),
     "streams": ("benchmarks.bench_streams", "run"),
     "refit": ("benchmarks.bench_refit", "run"),
+    "streaming": ("benchmarks.bench_streaming", "run"),
 }
 
 

@@ -713,19 +713,22 @@ class WeightWatch {
   std::vector<Entry> entries_;
 };
 
-// Copy src[i] into dst[i] for same-device, same-dtype, same-size contiguous CUDA tensor pairs, as one
-// device-to-device memcpy each, enqueued on the current stream in one C++ loop (no dispatcher or
-// Python work per pair). Checks every pair before enqueuing any copy.
-void copy_device(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src) {
-  if (dst.size() != src.size()) throw std::invalid_argument("copy_device: dst and src differ in length");
+// Copy src[i] into dst[i] on the current stream, one cudaMemcpyAsync per pair in one C++ loop (no
+// dispatcher or Python work per pair): contiguous pairs of one dtype and size, dst on a CUDA device,
+// src on the same device or in pinned host memory that outlives the copy (the caller's promise: no
+// event is recorded with torch's host allocator). Every pair is checked before any copy is enqueued.
+void copy_async(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src) {
+  if (dst.size() != src.size()) throw std::invalid_argument("copy_async: dst and src differ in length");
 #ifdef TORCHTRT_EXT_WITH_CUDA
   for (size_t i = 0; i < dst.size(); ++i) {
     const at::Tensor& d = dst[i];
     const at::Tensor& s = src[i];
-    if (!d.is_cuda() || d.device() != s.device() || d.scalar_type() != s.scalar_type() || d.numel() != s.numel() ||
+    const bool source_ok = s.device() == d.device() || (s.is_cpu() && s.is_pinned());
+    if (!d.is_cuda() || !source_ok || d.scalar_type() != s.scalar_type() || d.numel() != s.numel() ||
         !d.is_contiguous() || !s.is_contiguous()) {
-      throw std::invalid_argument("copy_device: pair " + std::to_string(i) +
-                                  " is not two contiguous CUDA tensors of one device, dtype and size");
+      throw std::invalid_argument("copy_async: pair " + std::to_string(i) +
+                                  " is not two contiguous tensors of one dtype and size, the destination on a CUDA "
+                                  "device and the source on it or in pinned host memory");
     }
   }
   if (dst.empty()) return;
@@ -735,10 +738,10 @@ void copy_device(const std::vector<at::Tensor>& dst, const std::vector<at::Tenso
     const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(dst[i].device().index());
     const size_t bytes = static_cast<size_t>(dst[i].numel()) * dst[i].element_size();
     if (bytes == 0) continue;
-    C10_CUDA_CHECK(cudaMemcpyAsync(dst[i].data_ptr(), src[i].data_ptr(), bytes, cudaMemcpyDeviceToDevice, stream.stream()));
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst[i].data_ptr(), src[i].data_ptr(), bytes, cudaMemcpyDefault, stream.stream()));
   }
 #else
-  if (!dst.empty()) throw std::invalid_argument("copy_device: this build has no CUDA");
+  if (!dst.empty()) throw std::invalid_argument("copy_async: this build has no CUDA");
 #endif
 }
 
@@ -763,8 +766,8 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(torchtrt_ext::g_input_error ? torchtrt_ext::g_input_error : PyExc_ValueError, e.what());
     }
   });
-  m.def("copy_device", &torchtrt_ext::copy_device, py::arg("dst"), py::arg("src"),
-        "Device-to-device copies of contiguous same-device tensor pairs on the current stream.");
+  m.def("copy_async", &torchtrt_ext::copy_async, py::arg("dst"), py::arg("src"),
+        "cudaMemcpyAsync of contiguous tensor pairs (device or pinned host source) on the current stream.");
   m.def("built_with_cuda", &torchtrt_ext::built_with_cuda,
         "True when this extension was built against CUDA (streams, events, side streams).");
   m.def(

@@ -12,6 +12,7 @@ from .backend import BACKEND_NAME, register as _register_backend, torchtrt_ext_b
 from .engines import Engine, MemoryUse
 from .errors import EngineUnavailableError, InputError, OptionError, RefitError, TorchTRTExtError, WeightFileError
 from .refit import RefitReport, refit
+from .streaming import WeightStreaming, weight_streaming
 from .registry import engines_of
 from .settings import Settings, describe_options, option_names
 from .wrapper import CompiledModule, compile
@@ -37,6 +38,8 @@ __all__ = [
     "option_names",
     "refit",
     "torchtrt_ext_backend",
+    "weight_streaming",
+    "WeightStreaming",
 ]
 
 _register_backend()

@@ -51,14 +51,14 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
     from .wrapper import CompiledModule
 
     start = time.perf_counter()
-    engines, model_names = _engines_of(compiled)
+    engines, model_names, required = _engines_of(compiled)
     with contextlib.ExitStack() as held, open_weights(weights) as source:
         if isinstance(compiled, CompiledModule):
             held.enter_context(compiled._weights_lock)  # the wrapper's auto-refit waits, then sees this
             compiled._follow_weights()  # changes to the model made before this refit come first
         for engine in sorted(engines, key=id):  # one order everywhere: no deadlock between refits
             held.enter_context(engine.refit_lock)
-        plan, unused, missing = _plan(engines, source, strict, model_names)
+        plan, unused, missing = _plan(engines, source, strict, model_names, required)
         written = 0
         for engine, values in plan:
             engine.load_weights(values)
@@ -83,21 +83,24 @@ def _names_loaded(plan: list[tuple[Engine, dict[int, torch.Tensor]]]) -> set[str
     return names
 
 
-def _engines_of(compiled: Any) -> tuple[list[Engine], Collection[str] | None]:
-    """The engines to refit, and the model's state_dict names where a model is known."""
+def _engines_of(compiled: Any) -> tuple[list[Engine], Collection[str] | None, Collection[str] | None]:
+    """The engines to refit; where a model is known, its parameter and buffer names, and its state_dict
+    names (strict refits need those; non-persistent buffers and constants keep their values)."""
     from .wrapper import CompiledModule
 
     if isinstance(compiled, Engine):
-        return [compiled], None
+        return [compiled], None, None
     if isinstance(compiled, (list, tuple)) and compiled and all(isinstance(e, Engine) for e in compiled):
-        return list(compiled), None
+        return list(compiled), None, None
     if isinstance(compiled, CompiledModule):
         engines, module, names = compiled.engines, compiled.original, compiled.weight_names
+        required = compiled.state_dict_names
     elif isinstance(compiled, torch.nn.Module):
         module = getattr(compiled, "_orig_mod", compiled)  # torch.compile's OptimizedModule
         engines = registry.engines_of(module)
         names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
         names.update(n for n, _ in module.named_buffers(remove_duplicate=False))
+        required = frozenset(module.state_dict(keep_vars=True))
     else:
         raise TypeError(
             "refit takes what torchtrt_ext.compile returned, a module compiled with "
@@ -108,11 +111,15 @@ def _engines_of(compiled: Any) -> tuple[list[Engine], Collection[str] | None]:
             f"{type(module).__name__} has no torchtrt_ext engines yet: they are built at the first call "
             "(or from example_inputs); call the compiled module once before refitting"
         )
-    return engines, names
+    return engines, names, required
 
 
 def _plan(
-    engines: Sequence[Engine], source: WeightSource, strict: bool, model_names: Collection[str] | None
+    engines: Sequence[Engine],
+    source: WeightSource,
+    strict: bool,
+    model_names: Collection[str] | None,
+    required: Collection[str] | None = None,
 ) -> tuple[list[tuple[Engine, dict[int, torch.Tensor]]], set[str], set[str]]:
     failures: dict[str, str] = {}
     for engine in engines:
@@ -129,7 +136,8 @@ def _plan(
     unused = given - engine_names
     if strict:
         for name in missing:
-            failures[name] = "missing from the new weights (pass strict=False to keep its current value)"
+            if required is None or name in required:
+                failures[name] = "missing from the new weights (pass strict=False to keep its current value)"
         for name in unused:
             if model_names is None or name not in model_names:
                 failures[name] = "is not a weight of the compiled model (pass strict=False to ignore it)"

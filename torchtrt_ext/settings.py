@@ -55,6 +55,18 @@ class Settings:
         "stage refitted weights in a second device buffer and switch at one point, so calls in flight on "
         "other streams finish with the old weights and none sees a mix; costs one more copy of the weights",
     )
+    weight_streaming: bool = _option(
+        False,
+        "keep only part of the weights on the device (see weight_streaming_budget) and stream the rest from "
+        "pinned host memory while the graph runs; the model may stay on the CPU, the inputs give the device. "
+        "Static shapes; not with cuda_graphs",
+    )
+    weight_streaming_budget: int | str = _option(
+        "auto",
+        "with weight_streaming: device bytes for resident weights, as bytes, a percentage of the weights "
+        "('40%') or 'auto' (what fits in free device memory now, less 1 GiB); changeable at run time with "
+        "torchtrt_ext.weight_streaming(model)",
+    )
     frontend: str = _option(
         "auto",
         "how the drop-in wrapper captures the graph: 'export' (torch.export), 'dynamo' (torch.compile's "
@@ -75,6 +87,18 @@ class Settings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
+        if self.weight_streaming and self.cuda_graphs:
+            raise OptionError("weight_streaming=True and cuda_graphs=True cannot be combined; choose one")
+        if not self.weight_streaming and self.weight_streaming_budget != "auto":
+            raise OptionError("option 'weight_streaming_budget' applies only with weight_streaming=True")
+        if self.weight_streaming:
+            from .streaming import parse_budget
+
+            if isinstance(self.weight_streaming_budget, str) and self.weight_streaming_budget.strip() != "auto":
+                parse_budget(self.weight_streaming_budget, 1, None)  # the form only; sizes are known later
+            elif isinstance(self.weight_streaming_budget, int) and not isinstance(self.weight_streaming_budget, bool):
+                if self.weight_streaming_budget < 0:
+                    raise OptionError(f"weight_streaming_budget must not be negative, got {self.weight_streaming_budget}")
 
     @classmethod
     def from_options(
@@ -137,13 +161,11 @@ def _unknown_message(name: Any) -> str:
 
 
 def _check_value(f: dataclasses.Field, value: Any) -> None:
-    expected = {"bool": bool, "int": int, "str": str}[f.type]
+    expected = {"bool": bool, "int": int, "str": str, "int | str": (int, str)}[f.type]
     # bool is a subclass of int: an int option refuses True/False, a bool option refuses 0/1.
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        article = "an" if f.type[0] in "aeiou" else "a"
-        raise OptionError(
-            f"option {f.name!r} must be {article} {f.type}, got {type(value).__name__} {value!r}"
-        )
+    if not isinstance(value, expected) or (expected in (int, (int, str)) and isinstance(value, bool)):
+        kind = "an int or a str" if f.type == "int | str" else ("an " if f.type[0] in "aeiou" else "a ") + f.type
+        raise OptionError(f"option {f.name!r} must be {kind}, got {type(value).__name__} {value!r}")
     choices = f.metadata["choices"]
     if choices and value not in choices:
         raise OptionError(

@@ -78,6 +78,11 @@ class CompiledModule(torch.nn.Module):
         self._weights_lock = threading.RLock()
 
     @property
+    def state_dict_names(self) -> frozenset[str]:
+        """The original module's state_dict names (parameters and persistent buffers)."""
+        return self.__dict__.setdefault("_state_dict_names", frozenset(self.original.state_dict(keep_vars=True)))
+
+    @property
     def weight_names(self) -> frozenset[str]:
         """Every parameter and buffer name of the original module (tied ones under each name)."""
         return self.__dict__.setdefault("_weight_names", frozenset(self._watched_names))
@@ -104,8 +109,9 @@ class CompiledModule(torch.nn.Module):
         problems: dict[str, str] = {}
         for engine in engines:  # everything checked before any engine changes
             index, tensors = engine.weight_index(), engine.weight_tensors()
+            any_device = engine.settings.weight_streaming  # the engine copies weights from anywhere
             for name, t in current.items():
-                if name in index and not _follows(t, tensors[index[name]]):
+                if name in index and not _follows(t, tensors[index[name]], any_device):
                     old = tensors[index[name]]
                     problems[name] = (
                         f"is now {tuple(t.shape)} {t.dtype} on {t.device}, but the engine was compiled for "
@@ -171,7 +177,8 @@ class CompiledModule(torch.nn.Module):
         return bound.args, dict(sorted(bound.kwargs.items()))
 
     def _add_variant(self, args: tuple, kwargs: dict, flat: list, spec: pytree.TreeSpec) -> _Variant | None:
-        self._check_devices(flat)
+        if not self.settings.weight_streaming:  # streaming: the inputs give the device, the model may stay on the host
+            self._check_devices(flat)
         if len(self._variants) >= self.settings.max_variants:
             reason = self._variants[0].signature.mismatch(spec, flat)
             raise InputError(
@@ -198,6 +205,10 @@ class CompiledModule(torch.nn.Module):
             return None
         updates = self._updates(ep)
         lifted = lifting.from_export(ep)
+        if self.settings.weight_streaming:  # captured where the model is; compiled for the inputs' device
+            for position, leaf in zip(lifted.input_positions, flat):
+                if isinstance(leaf, torch.Tensor):
+                    lifted.example_args[position] = leaf
         engine = build_engine(lifted, self.settings)
         registry.add(engine, [w.tensor for w in lifted.weights])
         signature = InputSignature(
@@ -216,6 +227,11 @@ class CompiledModule(torch.nn.Module):
 
     def _export(self, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
         dynamic = None
+        if self.settings.weight_streaming:  # capture on the model's device; streaming compiles static shapes
+            home = next(itertools.chain(self.original.parameters(), self.original.buffers()), None)
+            if home is not None:
+                args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(home.device), (args, kwargs))
+            return torch.export.export(self.original, args, kwargs, strict=False)
         if self.settings.dynamic_batch:
             dims = torch.export.ShapesCollection()
             for leaf in pytree.tree_leaves((args, kwargs)):
@@ -276,9 +292,9 @@ def _watch_weights(module: torch.nn.Module) -> tuple[Any, list[tuple[dict, str]]
     return watch, owners, names
 
 
-def _follows(new: torch.Tensor, old: torch.Tensor) -> bool:
+def _follows(new: torch.Tensor, old: torch.Tensor, any_device: bool = False) -> bool:
     """Whether an engine compiled for `old` can compute with `new` (converting floating dtypes)."""
-    if new.shape != old.shape or new.device != old.device:
+    if new.shape != old.shape or (new.device != old.device and not any_device):
         return False
     return new.dtype == old.dtype or (new.dtype.is_floating_point and old.dtype.is_floating_point)
 

@@ -17,6 +17,7 @@ from .._runtime import _C
 from ..errors import RefitError, TorchTRTExtError
 from ..lifting import LiftedGraph
 from ..settings import Settings
+from ..streaming import StreamedProgram, parse_budget
 from .base import Engine, MemoryUse, weight_memory
 
 log = logging.getLogger("torchtrt_ext")
@@ -44,6 +45,21 @@ def engine_device(lifted: LiftedGraph) -> torch.device:
     return torch.device("cpu")
 
 
+def _streaming_device(lifted: LiftedGraph) -> torch.device:
+    """With weight streaming the inputs give the device (the model may stay on the host)."""
+    for i in lifted.input_positions:
+        value = lifted.example_args[i]
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            return value.device
+    device = engine_device(lifted)
+    if device.type != "cuda":
+        raise TorchTRTExtError(
+            f"weight streaming needs a CUDA device, but the inputs and weights are on {device}: pass inputs on "
+            "the CUDA device to run on"
+        )
+    return device
+
+
 def _compile(lifted: LiftedGraph) -> Any:
     """Inductor-compile the graph with the weights as inputs. CUDA-graph mode is the runtime's (it
     captures and replays the compiled code), not Inductor's."""
@@ -57,10 +73,11 @@ class BuiltinEngine(Engine):
     kind = "builtin"
 
     def __init__(self, lifted: LiftedGraph, settings: Settings):
-        device = engine_device(lifted)
+        device = _streaming_device(lifted) if settings.weight_streaming else engine_device(lifted)
         if settings.cuda_graphs and device.type != "cuda":
             raise TorchTRTExtError(f"cuda_graphs=True needs a CUDA engine, but this one runs on {device}")
         super().__init__(device, settings)
+        self._streamed: StreamedProgram | None = None
         self._model_tensors = [w.tensor for w in lifted.weights]
         self._names: dict[str, int] = {}
         for index, w in enumerate(lifted.weights):
@@ -79,9 +96,17 @@ class BuiltinEngine(Engine):
         self._spare_stale: set[int] | None = None
 
         start = time.perf_counter()
-        self._compiled = _compile(lifted)
-        self.compile_seconds = time.perf_counter() - start
-        self._bind(fence=False)
+        if settings.weight_streaming:
+            # Segments compiled one by one; the weights go to pinned host masters (the table then holds
+            # no device memory of the model's), and a placement picks what stays resident.
+            self._streamed = StreamedProgram(lifted, device)
+            self._table = []
+            self.compile_seconds = time.perf_counter() - start
+            self._streamed.place(parse_budget(settings.weight_streaming_budget, self._streamed.total_bytes, device))
+        else:
+            self._compiled = _compile(lifted)
+            self.compile_seconds = time.perf_counter() - start
+            self._bind(fence=False)
         mem = self.memory()
         log.info(
             "torchtrt_ext: built-in engine on %s: %d weights, %.1f MiB (%s), Inductor compile %.1f s",
@@ -114,6 +139,8 @@ class BuiltinEngine(Engine):
         """What the runtime does with the bound arguments, in Python (used when nothing is bound)."""
         if len(inputs) != len(self._input_positions):
             raise TorchTRTExtError(f"the engine takes {len(self._input_positions)} inputs, got {len(inputs)}")
+        if self._streamed is not None:
+            return self._streamed.run(inputs, slot)
         args = self._arguments()
         for position, value in zip(self._input_positions, inputs):
             args[position] = value
@@ -123,10 +150,16 @@ class BuiltinEngine(Engine):
         return self._names
 
     def weight_tensors(self) -> Sequence[torch.Tensor]:
+        if self._streamed is not None:
+            return [self._streamed.weight(i) for i in range(len(self._model_tensors))]
         return self._table
 
     def load_weights(self, values: Mapping[int, torch.Tensor]) -> None:
         if not values:
+            return
+        if self._streamed is not None:  # host masters and resident copies, every budget alike
+            current = self.weight_tensors()
+            self._streamed.load(dict(zip(values, _prepare([current[i] for i in values], list(values.values())))))
             return
         if self.settings.refit_double_buffer:
             self._load_double_buffered(values)
@@ -168,6 +201,9 @@ class BuiltinEngine(Engine):
         self._bind(fence=True)
 
     def follow(self, values: Mapping[int, torch.Tensor]) -> None:
+        if self._streamed is not None:  # the engine holds its own copies: load the new values
+            self.load_weights({i: t.detach() for i, t in values.items()})
+            return
         load: dict[int, torch.Tensor] = {}
         repointed = False
         for index, tensor in values.items():
@@ -199,6 +235,9 @@ class BuiltinEngine(Engine):
             self.load_weights(load)
 
     def memory(self) -> MemoryUse:
+        if self._streamed is not None:  # resident copies and rings: all the engine's own
+            resident, ring = self._streamed.memory()
+            return MemoryUse(self.device, resident + ring, 0)
         return weight_memory(self.device, self._table + (self._spare or []), self._model_tensors)
 
 
@@ -227,4 +266,4 @@ def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor])
             else:
                 dst.copy_(src, non_blocking=True)
         if device_dst:
-            _C.copy_device(device_dst, device_src)
+            _C.copy_async(device_dst, device_src)

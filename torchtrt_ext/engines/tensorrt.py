@@ -28,3 +28,34 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     return "this version of torchtrt_ext does not include the TensorRT engine yet"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def compile_settings(settings, tensorrt_version: str) -> dict:
+    """Our settings as ``torch_tensorrt.dynamo.compile`` keywords (names read from torch_tensorrt 2.11's
+    ``_settings.py``): refit='none' -> immutable_weights (no REFIT flag), 'refit' -> BuilderFlag.REFIT,
+    'identical' -> BuilderFlag.REFIT_IDENTICAL; weight_streaming -> enable_weight_streaming (the budget
+    is applied at run time, through the engine's weight_streaming_budget_v2).
+
+    TensorRT before 10.8 crashed ("misaligned address") running an engine built with REFIT while it
+    streamed weights; REFIT_IDENTICAL worked. That combination is refused here, before any build."""
+    from ..errors import OptionError
+
+    if settings.weight_streaming and settings.refit == "refit" and _version(tensorrt_version) < (10, 8):
+        raise OptionError(
+            f"TensorRT {tensorrt_version} crashes ('misaligned address') when an engine built with REFIT "
+            "streams its weights (fixed in 10.8): use refit='identical' (REFIT_IDENTICAL works with weight "
+            "streaming), refit='none', or TensorRT >= 10.8"
+        )
+    return {
+        "immutable_weights": settings.refit == "none",
+        "refit_identical_engine_weights": settings.refit == "identical",
+        "enable_weight_streaming": settings.weight_streaming,
+    }

@@ -1,0 +1,171 @@
+"""Weight streaming: outputs equal the non-streamed engine at every budget, also after a refit; memory
+stays within the budget plus activations plus the ring; bad budgets are clear errors."""
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import torchtrt_ext
+from tests import zoo
+from torchtrt_ext import OptionError, TorchTRTExtError, lifting
+from torchtrt_ext.engines import tensorrt
+from torchtrt_ext.settings import Settings
+from torchtrt_ext.streaming import StreamedProgram, parse_budget
+
+BUDGETS = (0, 25, 50, 75, 100)
+STREAMABLE = ["mlp", "cnn", "encoder", "buffers", "multi_io"]  # graph_break: export cannot capture it
+
+
+@pytest.mark.parametrize("name", STREAMABLE)
+def test_program_logic_on_the_cpu_equals_eager_at_every_budget_and_after_a_load(name):
+    """The segmented program with synchronous copies (what the CUDA path runs, less the streams)."""
+    model = zoo.build(name)
+    args, kwargs = zoo.inputs(name, 4)
+    ep = torch.export.export(model, args, kwargs, strict=False)
+    program = StreamedProgram(lifting.from_export(ep), torch.device("cpu"), segments=4)
+    assert len(program.segments) >= 2
+    flat = pytree.tree_leaves((args, kwargs))
+    new = zoo.build(name, seed=9)
+    names = [w.name for w in lifting.from_export(torch.export.export(new, args, kwargs, strict=False)).weights]
+
+    def tensors(m):
+        return {**dict(m.named_parameters()), **dict(m.named_buffers())}
+
+    new_values = {i: tensors(new)[n] for i, n in enumerate(names)}
+    for percent in BUDGETS:
+        placement = program.place(program.total_bytes * percent // 100)
+        assert placement.resident_bytes <= program.total_bytes * percent // 100
+        if percent == 0:
+            assert placement.resident_bytes == 0 and placement.ring_bytes > 0
+        if percent == 100:
+            assert placement.ring_bytes == 0
+        program.load({i: tensors(zoo.build(name))[n] for i, n in enumerate(names)})
+        zoo.assert_matches(pytree.tree_unflatten(program.run(flat, 0), ep.call_spec.out_spec), model(*args, **kwargs), torch.float32)
+        program.load(new_values)  # a refit at this budget
+        zoo.assert_matches(pytree.tree_unflatten(program.run(flat, 0), ep.call_spec.out_spec), new(*args, **kwargs), torch.float32)
+
+
+def test_budget_forms_and_their_errors():
+    assert parse_budget(1000, 4000, None) == 1000
+    assert parse_budget("25%", 4000, None) == 1000
+    assert parse_budget(" 0% ", 4000, None) == 0
+    cases = {
+        -1: "weight_streaming_budget must not be negative, got -1",
+        4001: "weight_streaming_budget 4001 is above the 4000 bytes of streamable weights; use at most 4000 (or '100%')",
+        "101%": "weight_streaming_budget '101%' must be a percentage from 0% to 100%",
+        "half": "weight_streaming_budget 'half' must be bytes (int), a percentage like '40%' or 'auto'",
+        2.5: "weight_streaming_budget must be bytes (int), a percentage like '40%' or 'auto', got 2.5",
+    }
+    for value, message in cases.items():
+        with pytest.raises(OptionError) as e:
+            parse_budget(value, 4000, None)
+        assert str(e.value) == message
+
+
+def test_streaming_options_are_checked():
+    with pytest.raises(OptionError, match="weight_streaming=True and cuda_graphs=True cannot be combined"):
+        Settings(weight_streaming=True, cuda_graphs=True)
+    with pytest.raises(OptionError, match="option 'weight_streaming_budget' applies only with weight_streaming=True"):
+        Settings(weight_streaming_budget="50%")
+    with pytest.raises(OptionError, match="must be a percentage from 0% to 100%"):
+        Settings(weight_streaming=True, weight_streaming_budget="150%")
+
+
+def test_streaming_without_cuda_inputs_is_refused_with_the_fix():
+    model = zoo.build("mlp")
+    with pytest.raises(TorchTRTExtError, match="weight streaming needs a CUDA device, but the inputs and weights are on cpu"):
+        torchtrt_ext.compile(model, zoo.inputs("mlp", 4)[0], weight_streaming=True)
+    with pytest.raises(TorchTRTExtError, match="no weight-streaming engines: compile it with weight_streaming=True"):
+        torchtrt_ext.weight_streaming(torchtrt_ext.compile(model, zoo.inputs("mlp", 4)[0]))
+
+
+def test_tensorrt_settings_map_refit_and_streaming_and_refuse_the_crashing_combination():
+    s = Settings(refit="refit", weight_streaming=True, weight_streaming_budget="50%")
+    assert tensorrt.compile_settings(s, "10.8.0") == {
+        "immutable_weights": False,
+        "refit_identical_engine_weights": False,
+        "enable_weight_streaming": True,
+    }
+    assert tensorrt.compile_settings(Settings(refit="identical"), "10.3.0")["refit_identical_engine_weights"] is True
+    assert tensorrt.compile_settings(Settings(refit="none"), "10.3.0")["immutable_weights"] is True
+    with pytest.raises(OptionError) as e:
+        tensorrt.compile_settings(s, "10.7.0")
+    assert str(e.value) == (
+        "TensorRT 10.7.0 crashes ('misaligned address') when an engine built with REFIT streams its weights "
+        "(fixed in 10.8): use refit='identical' (REFIT_IDENTICAL works with weight streaming), refit='none', "
+        "or TensorRT >= 10.8"
+    )
+    assert tensorrt.compile_settings(Settings(refit="identical", weight_streaming=True), "10.7.0")["enable_weight_streaming"]
+
+
+# --- CUDA -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", STREAMABLE)
+def test_streamed_equals_the_resident_engine_at_every_budget_and_after_refit(name):
+    model_cpu = zoo.build(name, "cpu")  # the model stays on the host
+    args, kwargs = zoo.inputs(name, 4, "cuda")
+    resident = torchtrt_ext.compile(zoo.build(name, "cuda"), args, kwargs, dynamic_batch=False)
+    streamed = torchtrt_ext.compile(model_cpu, args, kwargs, weight_streaming=True, dynamic_batch=False)
+    new_cuda = zoo.build(name, "cuda", seed=9)
+    with torch.no_grad(), torchtrt_ext.weight_streaming(streamed) as ws:
+        for percent in BUDGETS:
+            ws.device_budget = f"{percent}%"
+            assert ws.resident_bytes <= ws.total_bytes * percent // 100
+            torchtrt_ext.refit(resident, zoo.build(name, "cuda").state_dict())
+            torchtrt_ext.refit(streamed, zoo.build(name, "cpu").state_dict())
+            for _ in range(2):
+                zoo.assert_matches(streamed(*args, **kwargs), resident(*args, **kwargs), torch.float32)
+            torchtrt_ext.refit(resident, new_cuda.state_dict())
+            torchtrt_ext.refit(streamed, new_cuda.state_dict())  # CUDA values into host masters
+            zoo.assert_matches(streamed(*args, **kwargs), resident(*args, **kwargs), torch.float32)
+            zoo.assert_matches(streamed(*args, **kwargs), new_cuda(*args, **kwargs), torch.float32)
+
+
+class _Deep(torch.nn.Module):
+    def __init__(self, width=2048, depth=8):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.nn.functional.gelu(layer(x))
+        return x
+
+
+@pytest.mark.cuda
+def test_peak_device_memory_stays_within_budget_plus_activations_plus_ring():
+    torch.manual_seed(0)
+    model = _Deep().half().eval()  # 8 x 8 MiB of fp16 weights, on the host
+    x = torch.randn(16, 2048, device="cuda", dtype=torch.float16)
+    expected = model.cuda()(x).float()
+    model.cpu()
+    torch.cuda.empty_cache()
+    streamed = torchtrt_ext.compile(model, (x,), weight_streaming=True, dynamic_batch=False, weight_streaming_budget="100%")
+    with torch.no_grad(), torchtrt_ext.weight_streaming(streamed) as ws:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        streamed(x)
+        torch.cuda.synchronize()
+        activations = torch.cuda.max_memory_allocated() - before  # fully resident: no ring, no copies
+        assert ws.ring_bytes == 0
+        for percent in (0, 25, 50, 75):
+            ws.device_budget = f"{percent}%"
+            streamed(x)  # rings are made at the first call
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = streamed(x)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            budget = ws.total_bytes * percent // 100
+            assert ws.resident_bytes <= budget
+            weights_and_ring = streamed.engines[0].memory().weight_bytes
+            assert weights_and_ring <= budget + ws.ring_bytes
+            assert peak - before <= activations + (1 << 20), f"{percent}%: the call took more than its activations"
+            assert before - torch.cuda.memory_allocated() == 0
+            torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+            if percent < 75:
+                assert ws.ring_bytes > 0

@@ -1,0 +1,492 @@
+"""Weight streaming for the built-in engine: run a graph whose weights do not fit the device budget.
+
+The lifted graph is cut, in execution order, into segments that each first use a similar share of the
+weight bytes, and each segment is compiled by Inductor on its own (weights are its inputs, as ever).
+Every weight has one master copy in pinned host memory, packed per segment. A placement, made for a
+device budget and changeable at run time without recompiling, keeps some weights resident on the
+device and streams the others: while segment k computes on the caller's stream, a copy stream of the
+execution slot fills a ring of two device buffers with the weights of segment k+1, fenced both ways
+with events (the copy waits until the ring buffer's previous segment has finished reading it; the
+segment waits for its copy).
+
+Placement: the first segment's weights first (nothing can hide their copy), then a water level over
+the other segments, so every segment streams about the same number of bytes and the copies spread
+evenly under the compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from .errors import OptionError, TorchTRTExtError
+from .lifting import LiftedGraph
+
+log = logging.getLogger("torchtrt_ext")
+
+_ALIGN = 256  # bytes: every packed weight starts at a multiple of this
+DEFAULT_SEGMENTS = 24
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def parse_budget(budget: int | str, total: int, device: torch.device) -> int:
+    """Bytes of weights to keep resident: an int, 'N%' of the streamable weights, or 'auto'."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise OptionError(f"weight_streaming_budget must be bytes (int), a percentage like '40%' or 'auto', got {budget!r}")
+    if isinstance(budget, str):
+        text = budget.strip()
+        if text == "auto":
+            free, _ = torch.cuda.mem_get_info(device)
+            return max(0, min(total, free - (1 << 30)))  # leave 1 GiB for activations and the ring
+        if text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                percent = -1.0
+            if not 0.0 <= percent <= 100.0:
+                raise OptionError(f"weight_streaming_budget {budget!r} must be a percentage from 0% to 100%")
+            return int(total * percent / 100.0)
+        raise OptionError(f"weight_streaming_budget {budget!r} must be bytes (int), a percentage like '40%' or 'auto'")
+    if budget < 0:
+        raise OptionError(f"weight_streaming_budget must not be negative, got {budget}")
+    if budget > total:
+        raise OptionError(
+            f"weight_streaming_budget {budget} is above the {total} bytes of streamable weights; "
+            f"use at most {total} (or '100%')"
+        )
+    return budget
+
+
+def move_graph_to(gm: torch.fx.GraphModule, device: torch.device) -> None:
+    """Point the graph's own tensor creations (arange, zeros, _to_copy, ...) at `device` where they name
+    the CPU: a model kept on the host is captured there, and runs on the device."""
+    changed = False
+    for node in gm.graph.nodes:
+        dev = node.kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cpu":
+            node.kwargs = {**node.kwargs, "device": device}
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+@dataclasses.dataclass
+class _Segment:
+    compiled: Callable[..., Any]
+    args: list[tuple[str, int]]  # per placeholder: ("w", weight index) or ("v", env index)
+    outputs: list[int]  # env index of each output
+    weights: list[int]  # weight indices used, in first-argument order
+
+
+@dataclasses.dataclass
+class Placement:
+    budget: int
+    resident: set[int]
+    resident_bytes: int
+    streamed: list[list[int]]  # per segment: the weights it streams
+    offsets: list[list[int]]  # per segment: ring offsets of those weights
+    ring_bytes: int  # one ring buffer (there are two per execution slot)
+    version: int
+
+
+class _SlotState:
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
+        self.freed = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
+        self.freed_recorded = [False, False]
+        self.version = -1
+        self.ring: list[torch.Tensor] = []
+        self.views: list[list[list[torch.Tensor]]] = []  # [ring][segment] -> device views
+
+
+class StreamedProgram:
+    """The segmented, separately compiled graph and its streaming state (see the module doc)."""
+
+    def __init__(self, lifted: LiftedGraph, device: torch.device, segments: int = DEFAULT_SEGMENTS):
+        from torch.fx.passes.split_module import split_module
+
+        # CUDA is what streaming is for (and what the engine option requires); on the CPU the same
+        # program runs with synchronous copies, which is how its logic is tested without a GPU.
+        self.device = device
+        self._cuda = device.type == "cuda"
+        gm = lifted.gm
+        move_graph_to(gm, device)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        weight_of = {lifted.weights[i].position: i for i in range(len(lifted.weights))}
+        self._weights = [w.tensor for w in lifted.weights]
+        self.total_bytes = sum(_nbytes(t) for t in self._weights)
+
+        # 1. Cut points: a new segment when the current one has first-used its share of weight bytes.
+        share = max(1, self.total_bytes // max(1, segments))
+        part: dict[torch.fx.Node, int] = {}
+        seen: set[int] = set()
+        current, used = 0, 0
+        pos_of = {n: i for i, n in enumerate(placeholders)}
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            new = [
+                weight_of[pos_of[a]]
+                for a in node.all_input_nodes
+                if a in pos_of and pos_of[a] in weight_of and weight_of[pos_of[a]] not in seen
+            ]
+            if new and used >= share:
+                current, used = current + 1, 0
+            for w in new:
+                seen.add(w)
+                used += _nbytes(self._weights[w])
+            part[node] = current
+        split = split_module(gm, None, lambda n: part.get(n, 0), keep_original_order=True, tuple_return=True)
+
+        # 2. A flat program over the split graph; each submodule compiled on its own.
+        env_of: dict[torch.fx.Node, int] = {}
+        self._input_env: list[int] = []  # env index of each caller input, in call order
+        self._weight_env: dict[int, int] = {}
+        self._steps: list[tuple] = []
+        self.segments: list[_Segment] = []
+        ph_index = 0
+        input_positions = {p: k for k, p in enumerate(lifted.input_positions)}
+        inputs_env: dict[int, int] = {}
+        for node in split.graph.nodes:
+            if node.op == "placeholder":
+                env_of[node] = len(env_of)
+                if ph_index in weight_of:
+                    self._weight_env[env_of[node]] = weight_of[ph_index]
+                else:
+                    inputs_env[input_positions[ph_index]] = env_of[node]
+                ph_index += 1
+            elif node.op == "call_module":
+                sub = getattr(split, node.target)
+                args = []
+                for a in node.args:
+                    idx = env_of[a]
+                    args.append(("w", self._weight_env[idx]) if idx in self._weight_env else ("v", idx))
+                env_of[node] = len(env_of)
+                seg = self._compile(sub, args, lifted)
+                self.segments.append(seg)
+                self._steps.append(("seg", len(self.segments) - 1, env_of[node]))
+            elif node.op == "call_function" and node.target is operator.getitem:
+                env_of[node] = len(env_of)
+                self._steps.append(("item", env_of[node.args[0]], node.args[1], env_of[node]))
+            elif node.op == "output":
+                self._outputs = [env_of[a] if isinstance(a, torch.fx.Node) else a for a in node.args[0]]
+            else:
+                raise TorchTRTExtError(f"weight streaming cannot run the split graph's node {node.format_node()}")
+        self._input_env = [inputs_env[k] for k in range(len(lifted.input_positions))]
+        self._env_size = len(env_of)
+
+        # 3. Master copies in pinned host memory, packed per segment of first use.
+        first: dict[int, int] = {}
+        for k, seg in enumerate(self.segments):
+            for w in seg.weights:
+                first.setdefault(w, k)
+        self._masters: list[torch.Tensor] = [None] * len(self._weights)  # type: ignore[list-item]
+        for k in range(len(self.segments)):
+            mine = [w for w, s in first.items() if s == k]
+            size = sum(_aligned(_nbytes(self._weights[w])) for w in mine)
+            pack = torch.empty(max(size, 1), dtype=torch.uint8)
+            if self._cuda:
+                pack = pack.pin_memory()
+            offset = 0
+            for w in mine:
+                t = self._weights[w]
+                view = pack[offset : offset + _nbytes(t)].view(t.dtype).view(t.shape)
+                view.copy_(t.detach())
+                self._masters[w] = view
+                offset += _aligned(_nbytes(t))
+        for w, t in enumerate(self._weights):  # weights no segment reads (none expected)
+            if self._masters[w] is None:
+                self._masters[w] = t.detach().cpu().pin_memory() if self._cuda else t.detach().cpu().clone()
+        self._weights = []  # the model's tensors are no longer needed here
+        self._resident: dict[int, torch.Tensor] = {}
+        self._slots: dict[int, _SlotState] = {}
+        self._lock = threading.Lock()
+        self.placement: Placement | None = None
+        self._version = 0
+
+    # --- build ------------------------------------------------------------------------------
+
+    def _compile(self, sub: torch.fx.GraphModule, args: list[tuple[str, int]], lifted: LiftedGraph) -> _Segment:
+        from torch._inductor.compile_fx import compile_fx
+
+        examples = []
+        for p in (n for n in sub.graph.nodes if n.op == "placeholder"):
+            val = p.meta.get("val", p.meta.get("example_value"))
+            if isinstance(val, torch.Tensor):
+                if any(not isinstance(s, int) for s in val.shape):
+                    raise OptionError(
+                        "weight streaming compiles for static shapes: compile with dynamic=False "
+                        "(torch.compile) or dynamic_batch=False (torchtrt_ext.compile)"
+                    )
+                examples.append(torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=self.device))
+            else:
+                examples.append(val)
+        with torch.no_grad():
+            compiled = compile_fx(sub, examples, config_patches={"triton.cudagraphs": False})
+        del examples
+        outputs = []  # filled by the step that calls it (env index of the tuple)
+        weights = [i for kind, i in args if kind == "w"]
+        return _Segment(compiled, args, outputs, weights)
+
+    # --- placement ----------------------------------------------------------------------------
+
+    def place(self, budget: int) -> Placement:
+        """Keep up to `budget` bytes of weights resident; stream the rest. Waits for in-flight calls."""
+        sizes = [_nbytes(m) for m in self._masters]
+        uses: dict[int, int] = {}
+        for seg in self.segments:
+            for w in set(seg.weights):
+                uses[w] = uses.get(w, 0) + 1
+        resident: set[int] = set()
+        left = budget
+
+        def take(ws: Sequence[int]) -> None:
+            nonlocal left
+            for w in sorted(ws, key=lambda w: -sizes[w]):
+                if w not in resident and sizes[w] <= left:
+                    resident.add(w)
+                    left -= sizes[w]
+
+        take([w for w, n in uses.items() if n > 1])  # read by several segments: streamed each time otherwise
+        if self.segments:
+            take(self.segments[0].weights)  # nothing runs before the first segment to hide its copy
+        per_seg = [sorted(set(s.weights), key=lambda w: -sizes[w]) for s in self.segments]
+
+        def streamed_after(level: int, room: int) -> tuple[set[int], int]:
+            chosen: set[int] = set()
+            for ws in per_seg[1:]:
+                streamed = sum(sizes[w] for w in ws if w not in resident)
+                for w in ws:
+                    if streamed <= level:
+                        break
+                    if w not in resident and w not in chosen:
+                        chosen.add(w)
+                        streamed -= sizes[w]
+            return chosen, sum(sizes[w] for w in chosen)
+
+        low, high = 0, max([sum(sizes[w] for w in ws) for ws in per_seg] or [0])
+        best: set[int] = set()
+        while low <= high:  # the lowest water level whose resident weights fit what is left
+            mid = (low + high) // 2
+            chosen, need = streamed_after(mid, left)
+            if need <= left:
+                best, high = chosen, mid - 1
+            else:
+                low = mid + 1
+        resident |= best
+        left -= sum(sizes[w] for w in best)
+        take([w for ws in per_seg for w in ws])  # whatever still fits
+
+        streamed, offsets = [], []
+        ring = 0
+        for ws in per_seg:
+            mine = [w for w in ws if w not in resident]
+            offs, at = [], 0
+            for w in mine:
+                offs.append(at)
+                at += _aligned(sizes[w])
+            streamed.append(mine)
+            offsets.append(offs)
+            ring = max(ring, at)
+        with self._lock:
+            self._synchronize()  # no call may still read the old resident copies
+            self._version += 1
+            old = self._resident
+            self._resident = {}
+            for w in sorted(resident):
+                self._resident[w] = old[w] if w in old else self._masters[w].to(self.device, non_blocking=True)
+            del old
+            self._slots.clear()  # rings are sized per placement; made again at the next call
+            self._synchronize()
+            self.placement = Placement(
+                budget=budget,
+                resident=resident,
+                resident_bytes=sum(sizes[w] for w in resident),
+                streamed=streamed,
+                offsets=offsets,
+                ring_bytes=ring,
+                version=self._version,
+            )
+        log.info(
+            "torchtrt_ext: weight streaming: %.1f of %.1f MiB resident (budget %.1f MiB), %d segments, ring 2 x %.1f MiB",
+            self.placement.resident_bytes / 2**20,
+            sum(sizes) / 2**20,
+            budget / 2**20,
+            len(self.segments),
+            ring / 2**20,
+        )
+        return self.placement
+
+    # --- execution ----------------------------------------------------------------------------
+
+    def _slot(self, slot: int) -> _SlotState:
+        st = self._slots.get(slot)
+        placement = self.placement
+        if st is None or st.version != placement.version:
+            st = _SlotState(self.device)
+            st.version = placement.version
+            if placement.ring_bytes:
+                st.ring = [torch.empty(placement.ring_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            for r in range(2 if placement.ring_bytes else 0):
+                per = []
+                for ws, offs in zip(placement.streamed, placement.offsets):
+                    per.append(
+                        [
+                            st.ring[r][o : o + _nbytes(self._masters[w])].view(self._masters[w].dtype).view(self._masters[w].shape)
+                            for w, o in zip(ws, offs)
+                        ]
+                    )
+                st.views.append(per)
+            self._slots[slot] = st
+        return st
+
+    def run(self, inputs: Sequence[Any], slot: int) -> list[Any]:
+        from ._runtime import _C
+
+        placement = self.placement
+        if placement is None:
+            raise TorchTRTExtError("weight streaming has no placement yet")
+        st = self._slot(slot)
+        cuda = self._cuda
+        compute = torch.cuda.current_stream(self.device) if cuda else None
+        n = len(self.segments)
+        masters = self._masters
+        resident = self._resident
+
+        def issue(j: int) -> None:
+            ws = placement.streamed[j]
+            if not ws:
+                return
+            r = j % 2
+            if not cuda:
+                for view, w in zip(st.views[r][j], ws):
+                    view.copy_(masters[w])
+                return
+            with torch.cuda.stream(st.copy_stream):
+                if st.freed_recorded[r]:
+                    st.copy_stream.wait_event(st.freed[r])
+                _C.copy_async(st.views[r][j], [masters[w] for w in ws])
+                st.copy_stream.record_event(st.copied[r])
+
+        env: list[Any] = [None] * self._env_size
+        for k, idx in enumerate(self._input_env):
+            env[idx] = inputs[k]
+        for j in range(min(2, n)):
+            issue(j)
+        for step in self._steps:
+            if step[0] == "item":
+                _, src, item, dst = step
+                env[dst] = env[src][item]
+                continue
+            _, k, dst = step
+            seg = self.segments[k]
+            streamed = placement.streamed[k]
+            where = {}
+            if streamed:
+                if cuda:
+                    compute.wait_event(st.copied[k % 2])
+                where = dict(zip(streamed, st.views[k % 2][k]))
+            args = [
+                (resident[i] if i in resident else where[i]) if kind == "w" else env[i] for kind, i in seg.args
+            ]
+            env[dst] = seg.compiled(*args)
+            del args
+            if streamed and cuda:
+                compute.record_event(st.freed[k % 2])
+                st.freed_recorded[k % 2] = True
+            if k + 2 < n:
+                issue(k + 2)
+        return [env[i] if isinstance(i, int) else i for i in self._outputs]
+
+    # --- weights ------------------------------------------------------------------------------
+
+    def weight(self, index: int) -> torch.Tensor:
+        """The weight as the engine holds it: its resident device copy, else its host master."""
+        return self._resident.get(index, self._masters[index])
+
+    def load(self, values: dict[int, torch.Tensor]) -> None:
+        """New values into the host masters and the resident copies (waits for in-flight calls)."""
+        with self._lock:
+            self._synchronize()
+            for w, v in values.items():
+                self._masters[w].copy_(v)
+                if w in self._resident:
+                    self._resident[w].copy_(v)
+            self._synchronize()
+
+    def _synchronize(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
+    def memory(self) -> tuple[int, int]:
+        """(resident weight bytes, ring bytes over all execution slots) on the device."""
+        ring = sum(_nbytes(t) for st in self._slots.values() for t in st.ring)
+        return sum(_nbytes(t) for t in self._resident.values()), ring
+
+
+class WeightStreaming:
+    """``with torchtrt_ext.weight_streaming(model) as ws: ws.device_budget = ...``: the streaming
+    engines of a compiled model, their budget readable and settable at run time."""
+
+    def __init__(self, engines: list):
+        if not engines:
+            raise TorchTRTExtError(
+                "this model has no weight-streaming engines: compile it with weight_streaming=True and call it once"
+            )
+        self._engines = engines
+
+    def __enter__(self) -> "WeightStreaming":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e._streamed.total_bytes for e in self._engines)
+
+    @property
+    def device_budget(self) -> int:
+        return sum(e._streamed.placement.budget for e in self._engines)
+
+    @device_budget.setter
+    def device_budget(self, budget: int | str) -> None:
+        total = self.total_bytes
+        wanted = parse_budget(budget, total, self._engines[0].device)
+        for e in self._engines:  # shared in proportion to each engine's weights
+            share = wanted * e._streamed.total_bytes // total if total else 0
+            e._streamed.place(share)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(e._streamed.placement.resident_bytes for e in self._engines)
+
+    @property
+    def ring_bytes(self) -> int:
+        return sum(2 * e._streamed.placement.ring_bytes for e in self._engines)
+
+
+def weight_streaming(compiled: Any) -> WeightStreaming:
+    from . import registry
+    from .wrapper import CompiledModule
+
+    if isinstance(compiled, CompiledModule):
+        engines = compiled.engines
+    else:
+        engines = registry.engines_of(getattr(compiled, "_orig_mod", compiled))
+    return WeightStreaming([e for e in engines if getattr(e, "_streamed", None) is not None])
