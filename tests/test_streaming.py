@@ -109,6 +109,9 @@ def test_streamed_equals_the_resident_engine_at_every_budget_and_after_refit(nam
     resident = torchtrt_ext.compile(zoo.build(name, "cuda"), args, kwargs, dynamic_batch=False)
     streamed = torchtrt_ext.compile(model_cpu, args, kwargs, weight_streaming=True, dynamic_batch=False)
     new_cuda = zoo.build(name, "cuda", seed=9)
+    for key, buf in zoo.build(name, "cuda").named_buffers():  # not in state_dicts: refits keep them
+        if key not in new_cuda.state_dict():
+            new_cuda.get_buffer(key).copy_(buf)
     with torch.no_grad(), torchtrt_ext.weight_streaming(streamed) as ws:
         for percent in BUDGETS:
             ws.device_budget = f"{percent}%"
@@ -165,7 +168,7 @@ def test_peak_device_memory_stays_within_budget_plus_activations_plus_ring():
             weights_and_ring = streamed.engines[0].memory().weight_bytes
             assert weights_and_ring <= budget + ws.ring_bytes
             assert peak - before <= activations + (1 << 20), f"{percent}%: the call took more than its activations"
-            assert before - torch.cuda.memory_allocated() == 0
+            assert torch.cuda.memory_allocated() - before == out.numel() * out.element_size()  # only the output
             torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
             if percent < 75:
                 assert ws.ring_bytes > 0

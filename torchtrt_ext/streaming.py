@@ -79,6 +79,9 @@ def move_graph_to(gm: torch.fx.GraphModule, device: torch.device) -> None:
         if dev is not None and torch.device(dev).type == "cpu":
             node.kwargs = {**node.kwargs, "device": device}
             changed = True
+        if any(isinstance(a, torch.device) and a.type == "cpu" for a in node.args):  # x.to(device)
+            node.args = tuple(device if isinstance(a, torch.device) and a.type == "cpu" else a for a in node.args)
+            changed = True
     if changed:
         gm.recompile()
 
@@ -151,7 +154,7 @@ class StreamedProgram:
                 seen.add(w)
                 used += _nbytes(self._weights[w])
             part[node] = current
-        split = split_module(gm, None, lambda n: part.get(n, 0), keep_original_order=True, tuple_return=True)
+        split = split_module(gm, None, lambda n: part.get(n, 0), keep_original_order=True)
 
         # 2. A flat program over the split graph; each submodule compiled on its own.
         env_of: dict[torch.fx.Node, int] = {}

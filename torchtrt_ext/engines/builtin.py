@@ -13,7 +13,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .._runtime import _C
 from ..errors import RefitError, TorchTRTExtError
 from ..lifting import LiftedGraph
 from ..settings import Settings
@@ -252,18 +251,28 @@ def _prepare(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tenso
     return ready
 
 
+# Same-device CUDA copies below this size go into multi-tensor launches (launch cost dominates); larger
+# ones are plain copies (a device-to-device memcpy each). Measured on the H100 for the 2.2 GB Llama:
+# 2.45 ms this way, 3.13 ms with every pair a memcpy enqueued by the runtime (one run each).
+_FUSE_BELOW_BYTES = 1 << 20
+
+
 def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-    """Copy on the current stream (asynchronously from CUDA and pinned host memory). Contiguous
-    same-device CUDA pairs go to the runtime as plain device-to-device memcpys in one call."""
+    """Copy on the current stream (asynchronously from CUDA and pinned host memory)."""
     if not destinations:
         return
     with torch.no_grad():
-        device_dst, device_src = [], []
+        fused_dst, fused_src = [], []
         for dst, src in zip(destinations, sources):
-            if dst.is_cuda and src.device == dst.device and src.dtype == dst.dtype and src.is_contiguous() and dst.is_contiguous():
-                device_dst.append(dst)
-                device_src.append(src)
+            if (
+                dst.is_cuda
+                and src.device == dst.device
+                and src.dtype == dst.dtype
+                and dst.numel() * dst.element_size() < _FUSE_BELOW_BYTES
+            ):
+                fused_dst.append(dst)
+                fused_src.append(src)
             else:
                 dst.copy_(src, non_blocking=True)
-        if device_dst:
-            _C.copy_async(device_dst, device_src)
+        if fused_dst:
+            torch._foreach_copy_(fused_dst, fused_src, non_blocking=True)
