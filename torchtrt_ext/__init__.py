@@ -10,7 +10,8 @@ from __future__ import annotations
 from . import _runtime  # noqa: F401  (fails loudly when the C++ runtime is missing)
 from .backend import BACKEND_NAME, register as _register_backend, torchtrt_ext_backend
 from .engines import Engine, MemoryUse
-from .errors import EngineUnavailableError, InputError, OptionError, RefitError, TorchTRTExtError, WeightFileError
+from .errors import EngineFileError, EngineUnavailableError, InputError, OptionError, RefitError, TorchTRTExtError, WeightFileError
+from .files import inspect as inspect_file, load, save
 from .refit import RefitReport, refit
 from .streaming import WeightStreaming, weight_streaming
 from .registry import engines_of
@@ -23,6 +24,7 @@ __all__ = [
     "BACKEND_NAME",
     "CompiledModule",
     "Engine",
+    "EngineFileError",
     "EngineUnavailableError",
     "InputError",
     "MemoryUse",
@@ -35,8 +37,11 @@ __all__ = [
     "compile",
     "describe_options",
     "engines_of",
+    "inspect_file",
+    "load",
     "option_names",
     "refit",
+    "save",
     "torchtrt_ext_backend",
     "weight_streaming",
     "WeightStreaming",

@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     sub.add_parser("options", help="list the compile options")
+    inspect = sub.add_parser("inspect", help="print an engine file's header, tensors and sizes")
+    inspect.add_argument("file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -25,6 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         from .settings import describe_options
 
         print(describe_options())
+        return 0
+    if args.command == "inspect":
+        from .errors import EngineFileError
+        from .files import inspect as inspect_file
+
+        try:
+            print(inspect_file(args.file))
+        except EngineFileError as exc:
+            print(f"torchtrt-ext inspect: {exc}", file=sys.stderr)
+            return 1
         return 0
     return 2  # pragma: no cover
 

@@ -29,3 +29,8 @@ class RefitError(TorchTRTExtError, ValueError):
 
 class WeightFileError(TorchTRTExtError, ValueError):
     """A weights file is missing, truncated, corrupt or of an unknown format; nothing was loaded from it."""
+
+
+class EngineFileError(TorchTRTExtError, ValueError):
+    """An engine file is missing, truncated, corrupt, of another format version or for another device;
+    nothing was loaded from it."""

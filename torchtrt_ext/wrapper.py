@@ -47,6 +47,7 @@ class _Variant:
         self.signature = signature
         self.out_spec = out_spec
         self._updates = list(updates)  # per leading graph output: a model buffer, or a caller-input index
+        self.exported: torch.export.ExportedProgram | None = None  # the graph it was built from
 
     def __call__(self, flat: Sequence[Any]) -> Any:
         outputs = self.engine(*flat)
@@ -76,6 +77,7 @@ class CompiledModule(torch.nn.Module):
         self._forward_signature = inspect.signature(module.forward)
         self._watch, self._watched, self._watched_names = _watch_weights(module)
         self._weights_lock = threading.RLock()
+        self._weights_missing = False  # loaded from a weight-stripped file, not refitted yet
 
     @property
     def state_dict_names(self) -> frozenset[str]:
@@ -155,6 +157,11 @@ class CompiledModule(torch.nn.Module):
             return getattr(self.__dict__["_original"], name)  # e.g. a Hugging Face model's .config
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._weights_missing:
+            raise RefitError(
+                "this module was loaded from a weight-stripped engine file and has no weights yet: "
+                "torchtrt_ext.refit(module, checkpoint) first"
+            )
         self._follow_weights()
         if self._dynamo is not None:
             return self._dynamo(*args, **kwargs)
@@ -203,18 +210,7 @@ class CompiledModule(torch.nn.Module):
             )
             self._use_dynamo()
             return None
-        updates = self._updates(ep)
-        lifted = lifting.from_export(ep)
-        if self.settings.weight_streaming:  # captured where the model is; compiled for the inputs' device
-            for position, leaf in zip(lifted.input_positions, flat):
-                if isinstance(leaf, torch.Tensor):
-                    lifted.example_args[position] = leaf
-        engine = build_engine(lifted, self.settings)
-        registry.add(engine, [w.tensor for w in lifted.weights])
-        signature = InputSignature(
-            spec, [lifted.example_args[i] for i in lifted.input_positions], ep.range_constraints
-        )
-        variant = _Variant(engine, signature, ep.call_spec.out_spec, updates)
+        variant = self._variant_from_export(ep, spec, flat)
         if not first:
             log.info(
                 "torchtrt_ext: compiled input signature %d of at most %d for %s",
@@ -223,6 +219,23 @@ class CompiledModule(torch.nn.Module):
                 type(self.original).__name__,
             )
         self._variants.append(variant)
+        return variant
+
+    def _variant_from_export(
+        self, ep: torch.export.ExportedProgram, spec: pytree.TreeSpec, flat: Sequence[Any] | None = None
+    ) -> _Variant:
+        """Build the engine of one exported graph (also for graphs loaded from an engine file)."""
+        updates = self._updates(ep)
+        lifted = lifting.from_export(ep)
+        if self.settings.weight_streaming and flat is not None:  # captured where the model is; compiled for the inputs' device
+            for position, leaf in zip(lifted.input_positions, flat):
+                if isinstance(leaf, torch.Tensor):
+                    lifted.example_args[position] = leaf
+        engine = build_engine(lifted, self.settings)
+        registry.add(engine, [w.tensor for w in lifted.weights])
+        signature = InputSignature(spec, [lifted.example_args[i] for i in lifted.input_positions], ep.range_constraints)
+        variant = _Variant(engine, signature, ep.call_spec.out_spec, updates)
+        variant.exported = ep
         return variant
 
     def _export(self, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:

@@ -1,0 +1,127 @@
+"""Engine files: round trips, weight-stripped files, and every corruption refused cleanly."""
+
+import os
+import random
+import struct
+
+import pytest
+import torch
+
+import torchtrt_ext
+from tests import zoo
+from tests.conftest import CPU_AND_CUDA
+from torchtrt_ext import EngineFileError, RefitError, TorchTRTExtError
+from torchtrt_ext.cli import main as cli
+
+
+def _compiled(name, device="cpu", **options):
+    model = zoo.build(name, device)
+    args, kwargs = zoo.inputs(name, 4, device)
+    return model, torchtrt_ext.compile(model, args, kwargs, **options), (args, kwargs)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", ["cnn", "encoder", "buffers", "multi_io"])
+def test_load_of_save_matches_the_compiled_module(name, device, tmp_path):
+    model, compiled, (args, kwargs) = _compiled(name, device)
+    path = tmp_path / "m.ttx"
+    size = torchtrt_ext.save(compiled, path)
+    assert size == os.path.getsize(path)
+    loaded = torchtrt_ext.load(path)
+    with torch.no_grad():
+        for batch in (4, 6):
+            a, k = zoo.inputs(name, batch, device)
+            zoo.assert_matches(loaded(*a, **k), compiled(*a, **k), torch.float32)
+            zoo.assert_matches(loaded(*a, **k), model(*a, **k), torch.float32)
+    assert next(iter(loaded.engines[0].named_weights().values())).device.type == device
+
+
+def test_saved_weights_are_the_engines_current_ones_and_stripped_files_need_a_refit(tmp_path):
+    model, compiled, (args, _) = _compiled("mlp")
+    new = zoo.build("mlp", seed=4)
+    torchtrt_ext.refit(compiled, new.state_dict())
+    torchtrt_ext.save(compiled, tmp_path / "full.ttx")
+    torchtrt_ext.save(compiled, tmp_path / "stripped.ttx", include_weights=False)
+    assert torch.equal(torchtrt_ext.load(tmp_path / "full.ttx")(*args), compiled(*args))
+    stripped = torchtrt_ext.load(tmp_path / "stripped.ttx")
+    with pytest.raises(RefitError, match=r"weight-stripped engine file .* torchtrt_ext.refit\(module, checkpoint\) first"):
+        stripped(*args)
+    torchtrt_ext.refit(stripped, new.state_dict())
+    assert torch.equal(stripped(*args), compiled(*args))
+    assert "weights stripped" in torchtrt_ext.inspect_file(tmp_path / "stripped.ttx")
+
+
+def test_every_flipped_bit_and_every_truncation_is_refused_cleanly(tmp_path):
+    """1,000 single-bit flips at random offsets, then 100 truncations: every byte of the file is under
+    a check, so each must be a clean EngineFileError (never a crash, never a wrong result)."""
+    _, compiled, (args, _) = _compiled("mlp")
+    path = tmp_path / "m.ttx"
+    torchtrt_ext.save(compiled, path)
+    original = path.read_bytes()
+    rng = random.Random(0)
+    bad = tmp_path / "bad.ttx"
+    for _ in range(1000):
+        data = bytearray(original)
+        offset = rng.randrange(len(data))
+        data[offset] ^= 1 << rng.randrange(8)
+        bad.write_bytes(data)
+        with pytest.raises(EngineFileError):
+            torchtrt_ext.load(bad)
+    for _ in range(100):
+        bad.write_bytes(original[: rng.randrange(len(original))])
+        with pytest.raises(EngineFileError, match="truncated|not a torchtrt_ext engine file|does not match"):
+            torchtrt_ext.load(bad)
+    assert torch.equal(torchtrt_ext.load(path)(*args), compiled(*args))  # the intact file still loads
+
+
+def test_clear_errors_for_wrong_files_versions_and_devices(tmp_path):
+    _, compiled, _ = _compiled("mlp")
+    path = tmp_path / "m.ttx"
+    torchtrt_ext.save(compiled, path)
+    data = path.read_bytes()
+    cases = {
+        "magic": (b"NOTTRTX\0" + data[8:], "not a torchtrt_ext engine file (bad magic bytes)"),
+        "version": (
+            data[:8] + struct.pack("<I", 2) + data[12:],
+            "engine file format version 2; this torchtrt_ext reads version 1 (save the engine again with this version)",
+        ),
+        "trailing": (data + b"\0", "has trailing bytes: the header describes"),
+        "empty": (b"", "truncated: 0 bytes, shorter than the 32-byte preamble"),
+    }
+    for case, (content, message) in cases.items():
+        bad = tmp_path / f"{case}.ttx"
+        bad.write_bytes(content)
+        with pytest.raises(EngineFileError) as e:
+            torchtrt_ext.load(bad)
+        assert str(e.value).startswith(f"{bad}: {message}"), case
+    with pytest.raises(EngineFileError, match="no engine file at"):
+        torchtrt_ext.load(tmp_path / "absent.ttx")
+    with pytest.raises(EngineFileError, match=r"was saved from an engine on cpu; it loads on cpu devices only, not on cuda"):
+        torchtrt_ext.load(path, device="cuda")
+
+
+def test_save_refuses_what_it_cannot_write_and_leaves_no_partial_file(tmp_path):
+    with pytest.raises(TorchTRTExtError, match="has no compiled graph yet"):
+        torchtrt_ext.save(torchtrt_ext.compile(zoo.build("mlp")), tmp_path / "x.ttx")
+    graph_break = torchtrt_ext.compile(zoo.build("graph_break"), zoo.inputs("graph_break", 4)[0])
+    with pytest.raises(TorchTRTExtError, match=r"runs through dynamo \(graph breaks\)"):
+        torchtrt_ext.save(graph_break, tmp_path / "x.ttx")
+    with pytest.raises(TypeError, match="save takes what torchtrt_ext.compile returned"):
+        torchtrt_ext.save(zoo.build("mlp"), tmp_path / "x.ttx")
+    _, compiled, _ = _compiled("mlp")
+    with pytest.raises(OSError):
+        torchtrt_ext.save(compiled, tmp_path / "no" / "such" / "dir.ttx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_inspect_command_prints_the_header_and_refuses_corrupt_files(tmp_path, capsys):
+    _, compiled, _ = _compiled("mlp")
+    path = tmp_path / "m.ttx"
+    torchtrt_ext.save(compiled, path)
+    assert cli(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "torchtrt_ext engine file, format version 1" in out and "fc1.weight: float32 (64, 32) 8192 bytes" in out
+    assert "weights: 29248 bytes" in out
+    path.write_bytes(path.read_bytes()[:100])
+    assert cli(["inspect", str(path)]) == 1
+    assert "truncated" in capsys.readouterr().err

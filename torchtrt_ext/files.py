@@ -1,0 +1,288 @@
+"""``torchtrt_ext.save`` / ``torchtrt_ext.load``: compiled modules as single files (layout in
+engine_file.py), loaded in bounded host memory.
+
+A file holds the settings, each compiled input signature's graph (``torch.export`` programs with their
+weights left out), the weights once (raw, aligned, checksummed) unless stripped, and Inductor's compiled
+artifacts, so that loading recompiles from Inductor's caches instead of from scratch. Loading reads
+every region through two small reusable staging buffers (pinned, for a CUDA target) straight into its
+place on the device: host memory grows by the staging buffers and the graphs, never by the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect as inspect_module
+import io
+import logging
+import time
+from typing import Any
+
+import torch
+
+from . import engine_file
+from .engine_file import EngineFile, tensor_bytes
+from .errors import EngineFileError, TorchTRTExtError
+from .settings import Settings
+
+log = logging.getLogger("torchtrt_ext")
+
+STAGING_BYTES = 32 * 2**20  # each of the two staging buffers
+
+
+def _device_info(device: torch.device) -> dict:
+    info: dict[str, Any] = {"type": device.type, "index": device.index}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}")
+    return info
+
+
+def _tensorrt_version() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+
+        return tensorrt.__version__
+    except Exception:
+        return None
+
+
+def _meta(value: Any) -> Any:
+    if isinstance(value, torch.nn.Parameter):
+        return torch.nn.Parameter(value.detach().to("meta"), requires_grad=value.requires_grad)
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("meta")
+    return value
+
+
+def _program_bytes(ep: torch.export.ExportedProgram) -> bytes:
+    """The exported program with its weights and example inputs left out (they are meta tensors)."""
+    light = copy.copy(ep)
+    light._state_dict = {k: _meta(v) for k, v in ep.state_dict.items()}
+    light._constants = {k: _meta(v) for k, v in ep.constants.items()}
+    light._example_inputs = None
+    buffer = io.BytesIO()
+    torch.export.save(light, buffer)
+    return buffer.getvalue()
+
+
+def save(compiled: Any, path: str, include_weights: bool = True) -> int:
+    """Write `compiled` (from ``torchtrt_ext.compile``) to one file at `path`; returns its size in bytes.
+
+    include_weights=False writes a weight-stripped file: small, and usable after
+    ``torchtrt_ext.refit(loaded, checkpoint)``.
+    """
+    from .wrapper import CompiledModule
+
+    if not isinstance(compiled, CompiledModule):
+        raise TypeError(f"save takes what torchtrt_ext.compile returned, got {type(compiled).__name__}")
+    if compiled._dynamo is not None or not compiled._variants:
+        raise TorchTRTExtError(
+            "save needs a module compiled through torch.export, called (or given example_inputs) at least "
+            "once; this one " + ("runs through dynamo (graph breaks)" if compiled._dynamo is not None else "has no compiled graph yet")
+        )
+    if compiled.settings.weight_streaming:
+        raise TorchTRTExtError("saving weight-streaming engines is not supported yet; save a resident compile")
+    start = time.perf_counter()
+    # Weights: the engines' current values (after refits), else the model's; each tensor once.
+    current: dict[str, torch.Tensor] = {}
+    for variant in compiled._variants:
+        current.update(variant.engine.named_weights())
+    tensors: list[dict] = []
+    regions: list[tuple[dict, torch.Tensor]] = []
+    seen: dict[tuple, dict] = {}
+    for variant in compiled._variants:
+        ep = variant.exported
+        for kind, table in (("state", ep.state_dict), ("constant", ep.constants)):
+            for name, value in table.items():
+                if not isinstance(value, torch.Tensor) or any(name in t["names"] for t in tensors):
+                    continue
+                value = current.get(name, value)
+                key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+                if key in seen:  # tied: one region, several names
+                    seen[key]["names"].append(name)
+                    continue
+                entry = {
+                    "names": [name],
+                    "kind": kind,
+                    "parameter": isinstance(table[name], torch.nn.Parameter),
+                    "dtype": str(value.dtype).removeprefix("torch."),
+                    "shape": list(value.shape),
+                    "name": name,
+                }
+                seen[key] = entry
+                tensors.append(entry)
+                if include_weights:
+                    regions.append((entry, tensor_bytes(value)))
+    programs = []
+    for variant in compiled._variants:
+        entry = {"name": f"program {len(programs)}"}
+        programs.append(entry)
+        regions.append((entry, torch.frombuffer(bytearray(_program_bytes(variant.exported)), dtype=torch.uint8)))
+    cache = None
+    try:
+        artifacts = torch.compiler.save_cache_artifacts()
+    except Exception as exc:  # an optional speed-up: say why it is missing
+        log.warning("torchtrt_ext: Inductor's cache artifacts could not be saved (%s); load will recompile", exc)
+        artifacts = None
+    if artifacts is not None:
+        cache = {"name": "inductor cache"}
+        regions.append((cache, torch.frombuffer(bytearray(artifacts[0]), dtype=torch.uint8)))
+    device = compiled._variants[0].engine.device
+    header = {
+        "format_version": engine_file.FORMAT_VERSION,
+        "torch": torch.__version__,
+        "tensorrt": _tensorrt_version(),
+        "engine": compiled._variants[0].engine.kind,
+        "device": _device_info(device),
+        "settings": compiled.settings.as_dict(),
+        "model": type(compiled.original).__name__,
+        # How calls were normalised (which arguments may be positional): the loaded module does the same.
+        "forward_parameters": [
+            [p.name, p.kind.name, p.default is not p.empty] for p in compiled._forward_signature.parameters.values()
+        ],
+        "weights_included": include_weights,
+        "tensors": tensors,
+        "programs": programs,
+        "inductor_cache": cache,
+    }
+    size = engine_file.write(path, header, regions)
+    log.info("torchtrt_ext: saved %s (%.1f MiB) in %.1f s", path, size / 2**20, time.perf_counter() - start)
+    return size
+
+
+def load(path: str, device: str | torch.device | None = None) -> Any:
+    """Load a file written by ``torchtrt_ext.save`` as a compiled module, on `device` (default: the
+    device it was saved from; the device type must be the same). Every check is made before anything
+    is returned; a failing file raises EngineFileError and leaves nothing behind."""
+    from .wrapper import CompiledModule
+
+    start = time.perf_counter()
+    with EngineFile(str(path)) as f:
+        try:
+            header = f.header
+            saved = header["device"]
+            settings = Settings(**header["settings"])
+            tensors, programs, cache = header["tensors"], header["programs"], header["inductor_cache"]
+            stripped = not header["weights_included"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineFileError(f"{path}: the header is missing or has a bad field ({exc}) (corrupt file)") from None
+        target = _target_device(path, saved, device)
+        staging = None
+        if target.type == "cuda":
+            staging = [torch.empty(STAGING_BYTES, dtype=torch.uint8).pin_memory() for _ in range(2)]
+        # Blobs first (small, on the host), then the weights straight to the device.
+        blobs = []
+        for entry in programs + ([cache] if cache else []):
+            host = torch.empty(entry["padded"], dtype=torch.uint8)
+            f.read_region(entry, host)
+            blobs.append(bytes(memoryview(host.numpy())[: entry["nbytes"]]))
+        values: dict[str, torch.Tensor] = {}
+        for entry in tensors:
+            dtype = engine_file.dtype_of(entry["dtype"], path)
+            shape = tuple(entry["shape"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if not stripped and entry.get("nbytes") != nbytes:
+                raise EngineFileError(f"{path}: {entry['name']!r} holds {entry.get('nbytes')} bytes, its dtype and shape need {nbytes} (corrupt file)")
+            room = torch.empty(max(engine_file.aligned(nbytes), 4), dtype=torch.uint8, device=target)
+            if not stripped:
+                f.read_region(entry, room, staging)
+            tensor = room[:nbytes].view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype, device=target)
+            for name in entry["names"]:
+                values[name] = tensor
+        if target.type == "cuda":
+            torch.cuda.synchronize(target)
+    if cache:
+        torch.compiler.load_cache_artifacts(blobs[-1])
+    eps = []
+    for blob, entry in zip(blobs, programs):
+        try:
+            ep = torch.export.load(io.BytesIO(blob))
+        except Exception as exc:
+            raise EngineFileError(f"{path}: {entry['name']} could not be read ({exc})") from None
+        ep._state_dict = {k: _as_saved(v, values[k]) for k, v in ep.state_dict.items()}
+        ep._constants = {k: values.get(k, v) for k, v in ep.constants.items()}
+        eps.append(ep)
+    module = eps[0].module()
+    compiled = CompiledModule(module, settings)
+    compiled._forward_signature = _signature(header.get("forward_parameters"), compiled._forward_signature)
+    for ep in eps:
+        compiled._variants.append(compiled._variant_from_export(ep, ep.call_spec.in_spec))
+    compiled._weights_missing = stripped
+    log.info("torchtrt_ext: loaded %s in %.1f s%s", path, time.perf_counter() - start, " (weights stripped: refit it)" if stripped else "")
+    return compiled
+
+
+def _signature(saved: Any, fallback: inspect_module.Signature) -> inspect_module.Signature:
+    if not isinstance(saved, list):
+        return fallback
+    try:
+        return inspect_module.Signature(
+            [
+                inspect_module.Parameter(
+                    name, getattr(inspect_module.Parameter, kind), default=None if has_default else inspect_module.Parameter.empty
+                )
+                for name, kind, has_default in saved
+            ]
+        )
+    except (TypeError, ValueError, AttributeError):
+        return fallback
+
+
+def _as_saved(meta: Any, value: torch.Tensor) -> Any:
+    if isinstance(meta, torch.nn.Parameter):
+        return torch.nn.Parameter(value, requires_grad=False)
+    return value
+
+
+def _describe(saved: dict) -> str:
+    where = saved["type"] + (f":{saved['index']}" if saved.get("index") is not None else "")
+    return where + (f" ({saved['name']}, compute capability {saved['capability']})" if saved.get("name") else "")
+
+
+def _target_device(path: str, saved: dict, device: str | torch.device | None) -> torch.device:
+    wanted = torch.device(device) if device is not None else torch.device(saved["type"], saved.get("index"))
+    described = _describe(saved)
+    if wanted.type != saved["type"]:
+        raise EngineFileError(
+            f"{path} was saved from an engine on {described}; it loads on {saved['type']} devices only, not on "
+            f"{wanted.type} (compile and save the model on {wanted.type} for that)"
+        )
+    if wanted.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineFileError(f"{path} was saved from an engine on {described}, and this machine has no CUDA device")
+        if wanted.index is None:
+            wanted = torch.device("cuda", torch.cuda.current_device())
+        if wanted.index != saved.get("index"):
+            raise EngineFileError(
+                f"{path} was saved from cuda:{saved.get('index')}; loading on {wanted} is not supported yet "
+                f"(load with device='cuda:{saved.get('index')}')"
+            )
+    return wanted
+
+
+def inspect(path: str) -> str:
+    """A readable description of an engine file: header, tensors and sizes (checks the header only)."""
+    with EngineFile(str(path)) as f:
+        h = f.header
+        lines = [
+            f"{path}: torchtrt_ext engine file, format version {h['format_version']}, {f.size} bytes",
+            f"  saved by torch {h['torch']}, TensorRT {h['tensorrt'] or 'absent'}; engine {h['engine']} on "
+            + _describe(h["device"]),
+            f"  model {h['model']}; weights {'included' if h['weights_included'] else 'stripped'}",
+            "  settings: " + ", ".join(f"{k}={v!r}" for k, v in sorted(h["settings"].items())),
+            f"  {len(h['programs'])} graph(s); Inductor cache {'included' if h['inductor_cache'] else 'absent'}",
+            f"  {len(h['tensors'])} tensors:",
+        ]
+        total = 0
+        for t in h["tensors"]:
+            numel = 1
+            for d in t["shape"]:
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=engine_file.dtype_of(t["dtype"], path)).element_size()
+            total += nbytes
+            lines.append(f"    {', '.join(t['names'])}: {t['dtype']} {tuple(t['shape'])} {nbytes} bytes")
+        lines.append(f"  weights: {total} bytes ({total / 2**20:.1f} MiB)")
+    return "\n".join(lines)
