@@ -125,3 +125,51 @@ def test_inspect_command_prints_the_header_and_refuses_corrupt_files(tmp_path, c
     path.write_bytes(path.read_bytes()[:100])
     assert cli(["inspect", str(path)]) == 1
     assert "truncated" in capsys.readouterr().err
+
+
+_CACHE_SCRIPT = """
+import sys, torch, torchtrt_ext
+from tests import zoo
+name, cache, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = zoo.build(name, seed=seed)
+args, kwargs = zoo.inputs(name, 4)
+compiled = torchtrt_ext.compile(model, args, kwargs, cache_dir=cache)
+zoo.assert_matches(compiled(*args, **kwargs), model(*args, **kwargs), torch.float32)
+print("from_cache", compiled._variants[0].from_cache)
+"""
+
+
+def _in_fresh_process(tmp_path, run, *argv):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{run}"), "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()[-1] == "True"
+
+
+def test_engine_cache_is_reused_by_a_second_process_and_keyed_by_the_model(tmp_path):
+    """Each process has its own empty Inductor cache: only our cache_dir is shared. The second process
+    binds the cached graph to its own model's weights (another seed: same shapes, other values)."""
+    cache = str(tmp_path / "engines")
+    assert not _in_fresh_process(tmp_path, 1, "mlp", cache, "0")
+    assert len(os.listdir(cache)) == 1
+    assert _in_fresh_process(tmp_path, 2, "mlp", cache, "5")  # a hit, and right for its own weights
+    assert not _in_fresh_process(tmp_path, 3, "cnn", cache, "0")  # another model: a miss
+    assert len(os.listdir(cache)) == 2
+
+
+def test_a_corrupt_engine_cache_entry_costs_a_recompile_never_a_wrong_engine(tmp_path, caplog):
+    cache = tmp_path / "engines"
+    model = zoo.build("mlp")
+    args, _ = zoo.inputs("mlp", 4)
+    torchtrt_ext.compile(model, args, cache_dir=str(cache))
+    (entry,) = cache.iterdir()
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    entry.write_bytes(data)
+    again = torchtrt_ext.compile(model, args, cache_dir=str(cache))
+    assert not again._variants[0].from_cache
+    assert "engine cache entry" in caplog.text and "not used" in caplog.text
+    zoo.assert_matches(again(*args), model(*args), torch.float32)

@@ -82,15 +82,22 @@ def save(compiled: Any, path: str, include_weights: bool = True) -> int:
         )
     if compiled.settings.weight_streaming:
         raise TorchTRTExtError("saving weight-streaming engines is not supported yet; save a resident compile")
+    return write_variants(compiled, compiled._variants, path, include_weights)
+
+
+def write_variants(compiled: Any, variants: list, path: str, include_weights: bool) -> int:
+    """Write these variants of `compiled` (save, and the engine cache, which writes one at a time).
+    Constants (non-persistent buffers, lifted tensors) are written even when the weights are stripped:
+    no checkpoint holds them."""
     start = time.perf_counter()
     # Weights: the engines' current values (after refits), else the model's; each tensor once.
     current: dict[str, torch.Tensor] = {}
-    for variant in compiled._variants:
+    for variant in variants:
         current.update(variant.engine.named_weights())
     tensors: list[dict] = []
     regions: list[tuple[dict, torch.Tensor]] = []
     seen: dict[tuple, dict] = {}
-    for variant in compiled._variants:
+    for variant in variants:
         ep = variant.exported
         for kind, table in (("state", ep.state_dict), ("constant", ep.constants)):
             for name, value in table.items():
@@ -111,10 +118,10 @@ def save(compiled: Any, path: str, include_weights: bool = True) -> int:
                 }
                 seen[key] = entry
                 tensors.append(entry)
-                if include_weights:
+                if include_weights or kind == "constant":
                     regions.append((entry, tensor_bytes(value)))
     programs = []
-    for variant in compiled._variants:
+    for variant in variants:
         entry = {"name": f"program {len(programs)}"}
         programs.append(entry)
         regions.append((entry, torch.frombuffer(bytearray(_program_bytes(variant.exported)), dtype=torch.uint8)))
@@ -127,12 +134,12 @@ def save(compiled: Any, path: str, include_weights: bool = True) -> int:
     if artifacts is not None:
         cache = {"name": "inductor cache"}
         regions.append((cache, torch.frombuffer(bytearray(artifacts[0]), dtype=torch.uint8)))
-    device = compiled._variants[0].engine.device
+    device = variants[0].engine.device
     header = {
         "format_version": engine_file.FORMAT_VERSION,
         "torch": torch.__version__,
         "tensorrt": _tensorrt_version(),
-        "engine": compiled._variants[0].engine.kind,
+        "engine": variants[0].engine.kind,
         "device": _device_info(device),
         "settings": compiled.settings.as_dict(),
         "model": type(compiled.original).__name__,
@@ -157,13 +164,35 @@ def load(path: str, device: str | torch.device | None = None) -> Any:
     from .wrapper import CompiledModule
 
     start = time.perf_counter()
-    with EngineFile(str(path)) as f:
+    header, eps = read_programs(str(path), device)
+    module = eps[0].module()
+    compiled = CompiledModule(module, Settings(**header["settings"]))
+    compiled._forward_signature = _signature(header.get("forward_parameters"), compiled._forward_signature)
+    for ep in eps:
+        compiled._variants.append(compiled._variant_from_export(ep, ep.call_spec.in_spec))
+    compiled._weights_missing = not header["weights_included"]
+    log.info(
+        "torchtrt_ext: loaded %s in %.1f s%s",
+        path,
+        time.perf_counter() - start,
+        "" if header["weights_included"] else " (weights stripped: refit it)",
+    )
+    return compiled
+
+
+def read_programs(
+    path: str, device: str | torch.device | None = None, own: dict[str, torch.Tensor] | None = None
+) -> tuple[dict, list]:
+    """The file's header and its exported programs, their weights read onto the device (or, for the
+    names in `own`, those tensors: the engine cache binds the live model's), Inductor's artifacts
+    loaded into its caches. Raises EngineFileError, having returned nothing, on any fault."""
+    with EngineFile(path) as f:
         try:
             header = f.header
             saved = header["device"]
-            settings = Settings(**header["settings"])
+            Settings(**header["settings"])
             tensors, programs, cache = header["tensors"], header["programs"], header["inductor_cache"]
-            stripped = not header["weights_included"]
+            header["weights_included"]  # noqa: B018  (must be present)
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineFileError(f"{path}: the header is missing or has a bad field ({exc}) (corrupt file)") from None
         target = _target_device(path, saved, device)
@@ -184,12 +213,21 @@ def load(path: str, device: str | torch.device | None = None) -> Any:
             for d in shape:
                 numel *= d
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            if not stripped and entry.get("nbytes") != nbytes:
-                raise EngineFileError(f"{path}: {entry['name']!r} holds {entry.get('nbytes')} bytes, its dtype and shape need {nbytes} (corrupt file)")
-            room = torch.empty(max(engine_file.aligned(nbytes), 4), dtype=torch.uint8, device=target)
-            if not stripped:
-                f.read_region(entry, room, staging)
-            tensor = room[:nbytes].view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype, device=target)
+            mine = [own[n] for n in entry["names"] if own is not None and n in own]
+            if mine:
+                tensor = mine[0]
+                if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                    raise EngineFileError(f"{path}: {entry['name']!r} is {tensor.dtype} {tuple(tensor.shape)} in the model, {dtype} {shape} in the file")
+            else:
+                has_data = "padded" in entry
+                if has_data and entry["nbytes"] != nbytes:
+                    raise EngineFileError(
+                        f"{path}: {entry['name']!r} holds {entry['nbytes']} bytes, its dtype and shape need {nbytes} (corrupt file)"
+                    )
+                room = torch.empty(max(engine_file.aligned(nbytes), 4), dtype=torch.uint8, device=target)
+                if has_data:
+                    f.read_region(entry, room, staging)
+                tensor = room[:nbytes].view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype, device=target)
             for name in entry["names"]:
                 values[name] = tensor
         if target.type == "cuda":
@@ -205,14 +243,7 @@ def load(path: str, device: str | torch.device | None = None) -> Any:
         ep._state_dict = {k: _as_saved(v, values[k]) for k, v in ep.state_dict.items()}
         ep._constants = {k: values.get(k, v) for k, v in ep.constants.items()}
         eps.append(ep)
-    module = eps[0].module()
-    compiled = CompiledModule(module, settings)
-    compiled._forward_signature = _signature(header.get("forward_parameters"), compiled._forward_signature)
-    for ep in eps:
-        compiled._variants.append(compiled._variant_from_export(ep, ep.call_spec.in_spec))
-    compiled._weights_missing = stripped
-    log.info("torchtrt_ext: loaded %s in %.1f s%s", path, time.perf_counter() - start, " (weights stripped: refit it)" if stripped else "")
-    return compiled
+    return header, eps
 
 
 def _signature(saved: Any, fallback: inspect_module.Signature) -> inspect_module.Signature:

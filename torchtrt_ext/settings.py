@@ -77,6 +77,12 @@ class Settings:
     dynamic_batch: bool = _option(
         True, "drop-in wrapper with torch.export: let dimension 0 of every tensor input vary", wrapper_only=True
     )
+    cache_dir: str = _option(
+        "",
+        "drop-in wrapper: a folder for the engine cache; a process that compiles the same model (same code, "
+        "weight shapes, input shapes, settings, device and versions) reuses the compiled graphs. '' = off",
+        wrapper_only=True,
+    )
     max_variants: int = _option(
         8,
         "drop-in wrapper: most input signatures compiled before a new one is an error",

@@ -14,13 +14,14 @@ import functools
 import inspect
 import itertools
 import logging
+import os
 import threading
 from typing import Any, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 
-from . import lifting, registry
+from . import engine_cache, lifting, registry
 from .backend import torchtrt_ext_backend
 from .engines import Engine, build_engine, resolve_kind
 from ._runtime import WeightWatch
@@ -48,6 +49,7 @@ class _Variant:
         self.out_spec = out_spec
         self._updates = list(updates)  # per leading graph output: a model buffer, or a caller-input index
         self.exported: torch.export.ExportedProgram | None = None  # the graph it was built from
+        self.from_cache = False  # built from an engine cache entry
 
     def __call__(self, flat: Sequence[Any]) -> Any:
         outputs = self.engine(*flat)
@@ -197,6 +199,13 @@ class CompiledModule(torch.nn.Module):
         if self.settings.frontend == "dynamo":
             self._use_dynamo()
             return None
+        digest = None
+        if self.settings.cache_dir and not self.settings.weight_streaming:
+            digest = engine_cache.key(self.original, spec, flat, self.settings)
+            variant = self._variant_from_cache(digest, spec, flat)
+            if variant is not None:
+                self._variants.append(variant)
+                return variant
         try:
             ep = self._export(args, kwargs)
         except Exception as exc:
@@ -211,6 +220,8 @@ class CompiledModule(torch.nn.Module):
             self._use_dynamo()
             return None
         variant = self._variant_from_export(ep, spec, flat)
+        if digest is not None:
+            self._store_in_cache(digest, variant)
         if not first:
             log.info(
                 "torchtrt_ext: compiled input signature %d of at most %d for %s",
@@ -237,6 +248,33 @@ class CompiledModule(torch.nn.Module):
         variant = _Variant(engine, signature, ep.call_spec.out_spec, updates)
         variant.exported = ep
         return variant
+
+    def _variant_from_cache(self, digest: str, spec: pytree.TreeSpec, flat: Sequence[Any]) -> _Variant | None:
+        from . import files
+
+        path = engine_cache.entry_path(self.settings.cache_dir, digest)
+        if not os.path.isfile(path):
+            return None
+        own = {**dict(self.original.named_parameters(remove_duplicate=False)), **dict(self.original.named_buffers(remove_duplicate=False))}
+        try:
+            _, eps = files.read_programs(path, own=own)
+            variant = self._variant_from_export(eps[0], spec, flat)
+        except Exception as exc:  # a bad entry costs a recompile, never a wrong engine
+            log.warning("torchtrt_ext: engine cache entry %s not used (%s); compiling", path, _first_line(exc))
+            return None
+        variant.from_cache = True
+        log.info("torchtrt_ext: engine cache hit %s", path)
+        return variant
+
+    def _store_in_cache(self, digest: str, variant: _Variant) -> None:
+        from . import files
+
+        path = engine_cache.entry_path(self.settings.cache_dir, digest)
+        try:
+            os.makedirs(self.settings.cache_dir, exist_ok=True)
+            files.write_variants(self, [variant], path, include_weights=False)
+        except Exception as exc:  # the cache is an optimisation: say why it failed, and go on
+            log.warning("torchtrt_ext: could not write engine cache entry %s (%s)", path, _first_line(exc))
 
     def _export(self, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
         dynamic = None

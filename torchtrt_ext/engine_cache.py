@@ -1,0 +1,76 @@
+"""The engine cache (option ``cache_dir``): compiled graphs kept on disk, keyed by what determines them,
+so that a second process compiling the same model skips both torch.export and Inductor's codegen.
+
+An entry is a weight-stripped engine file (engine_file.py) holding the exported graph of one input
+signature and Inductor's cache artifacts. The key hashes: torchtrt_ext, torch and TensorRT versions;
+the device and its compute capability; the settings; the call's structure, dtypes and shapes; and the
+model: its module classes, the source of their code, and the names, shapes and dtypes of its
+parameters and buffers. On a hit the graph is bound to the live model's own tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+
+from .settings import Settings
+
+log = logging.getLogger("torchtrt_ext")
+
+
+def _source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):  # built in or defined interactively: its name and methods' code
+        return cls.__qualname__ + "".join(
+            getattr(getattr(cls, m, None), "__code__", b"").co_code.hex() if hasattr(getattr(cls, m, None), "__code__") else m
+            for m in sorted(vars(cls))
+        )
+
+
+def key(module: torch.nn.Module, spec: Any, flat: Sequence[Any], settings: Settings) -> str:
+    from . import __version__
+
+    h = hashlib.sha256()
+
+    def add(*parts: Any) -> None:
+        for p in parts:
+            h.update(repr(p).encode())
+            h.update(b"\0")
+
+    try:
+        import tensorrt
+
+        trt = tensorrt.__version__
+    except Exception:
+        trt = None
+    add("torchtrt_ext", __version__, torch.__version__, trt)
+    add(sorted((k, v) for k, v in settings.as_dict().items() if k not in ("cache_dir", "max_variants")))
+    add(str(spec))
+    for leaf in flat:
+        if isinstance(leaf, torch.Tensor):
+            where = leaf.device
+            cap = torch.cuda.get_device_capability(where) if where.type == "cuda" else None
+            add("tensor", leaf.dtype, tuple(leaf.shape), where.type, where.index, cap)
+        else:
+            add("value", leaf)
+    classes = {}
+    for name, sub in module.named_modules():
+        classes.setdefault(type(sub), None)
+        add(name, type(sub).__qualname__)
+    for cls in classes:
+        add(_source(cls))
+    for name, t in module.state_dict(keep_vars=True).items():
+        add(name, t.dtype, tuple(t.shape), t.device.type)
+    for name, t in module.named_buffers():
+        add(name, t.dtype, tuple(t.shape))
+    return h.hexdigest()[:40]
+
+
+def entry_path(cache_dir: str, digest: str) -> str:
+    return os.path.join(cache_dir, f"{digest}.ttx")
