@@ -24,6 +24,7 @@ BENCHMARKS = {
     "streams": ("benchmarks.bench_streams", "run"),
     "refit": ("benchmarks.bench_refit", "run"),
     "streaming": ("benchmarks.bench_streaming", "run"),
+    "files": ("benchmarks.bench_files", "run"),
 }
 
 

@@ -198,7 +198,7 @@ def read_programs(
         target = _target_device(path, saved, device)
         staging = None
         if target.type == "cuda":
-            staging = [torch.empty(STAGING_BYTES, dtype=torch.uint8).pin_memory() for _ in range(2)]
+            staging = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         # Blobs first (small, on the host), then the weights straight to the device.
         blobs = []
         for entry in programs + ([cache] if cache else []):

@@ -1,0 +1,167 @@
+"""Engine files (issue 6): loading an 8+ GB file, time and peak host memory, against safetensors'
+``load_file(..., device="cuda")`` and ``torch.load(mmap=True)`` of the same weights, in the same run; and
+the engine cache: a second process's compile of the Llama-style model against the first's.
+
+Each load runs in a fresh process. Peak memory is VmHWM (peak resident set, file-backed pages
+included) after the load, minus VmRSS after CUDA initialisation, with the peak reset in between
+(/proc/self/clear_refs). The three files are written first, so all three are read from the page cache.
+
+    python -m benchmarks files --out DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import torchtrt_ext
+
+_PROBE = r"""
+import json, os, sys, time, torch
+method, path = sys.argv[1], sys.argv[2]
+torch.empty(1, device="cuda"); torch.cuda.synchronize()
+import torchtrt_ext, safetensors.torch
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident set to the current one
+base = status("VmRSS:")
+start = time.perf_counter()
+if method == "ours (weights)":
+    from torchtrt_ext.files import read_programs
+    header, eps = read_programs(path)
+elif method == "ours (load + compile)":
+    module = torchtrt_ext.load(path)
+elif method == "safetensors load_file":
+    tensors = safetensors.torch.load_file(path, device="cuda")
+elif method == "torch.load mmap":
+    state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    tensors = {k: v.to("cuda", non_blocking=False) for k, v in state.items()}
+torch.cuda.synchronize()
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "peak_growth": status("VmHWM:") - base, "base_rss": base}))
+"""
+
+
+def _probe(method: str, path: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, method, path],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{method}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class _Big(torch.nn.Module):
+    def __init__(self, width: int, depth: int, device: torch.device):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Linear(width, width, bias=False, device=device, dtype=torch.float16) for _ in range(depth)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def run(device: torch.device, quick: bool = False) -> list[dict]:
+    if device.type != "cuda":
+        raise RuntimeError("the files benchmark needs a CUDA device")
+    depth = 4 if quick else 66  # 66 x 128 MiB = 8.25 GiB of fp16 weights
+    folder = tempfile.mkdtemp(prefix="torchtrt_ext_files_")
+    paths = {k: os.path.join(folder, f"weights.{k}") for k in ("ttx", "safetensors", "pt")}
+    rows = []
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model = _Big(8192, depth, device).eval()
+        for p in model.parameters():
+            p.normal_(0, 0.01)
+        x = torch.randn(4, 8192, device=device, dtype=torch.float16)
+        compiled = torchtrt_ext.compile(model, (x,), dynamic_batch=False)
+        expected = compiled(x)
+        start = time.perf_counter()
+        size = torchtrt_ext.save(compiled, paths["ttx"])
+        save_s = time.perf_counter() - start
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        import safetensors.torch
+
+        safetensors.torch.save_file(state, paths["safetensors"])
+        torch.save({k: v.cpu() for k, v in state.items()}, paths["pt"])
+        del model, compiled, state
+        torch.cuda.empty_cache()
+        loaded = torchtrt_ext.load(paths["ttx"])
+        exact = bool(torch.equal(loaded(x), expected))
+        del loaded
+        torch.cuda.empty_cache()
+    for method, path in [
+        ("ours (weights)", paths["ttx"]),
+        ("safetensors load_file", paths["safetensors"]),
+        ("torch.load mmap", paths["pt"]),
+        ("ours (load + compile)", paths["ttx"]),
+    ]:
+        result = _probe(method, path)
+        rows.append(
+            {
+                "method": method,
+                "file_GB": round(os.path.getsize(path) / 1e9, 2),
+                "seconds": round(result["seconds"], 2),
+                "GBps": round(os.path.getsize(path) / result["seconds"] / 1e9, 2),
+                "peak_host_growth_MiB": round(result["peak_growth"] / 2**20, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    rows.append({"method": "(our save)", "file_GB": round(size / 1e9, 2), "seconds": round(save_s, 1), "round_trip_exact": exact})
+    for path in paths.values():
+        os.remove(path)
+    os.rmdir(folder)
+    rows += _cache_rows(quick)
+    return rows
+
+
+_CACHE_PROBE = r"""
+import sys, time, torch, torchtrt_ext
+from benchmarks.models import LogitsOnly, llama
+cache = sys.argv[1]
+model = LogitsOnly(llama(torch.device("cuda"), torch.float16))
+ids = torch.randint(0, 32000, (1, 128), device="cuda")
+start = time.perf_counter()
+compiled = torchtrt_ext.compile(model, (ids,), dynamic_batch=False, cache_dir=cache)
+compiled(ids)
+torch.cuda.synchronize()
+print(time.perf_counter() - start, compiled._variants[0].from_cache)
+"""
+
+
+def _cache_rows(quick: bool) -> list[dict]:
+    """First and second process compiling the Llama-style model with one cache_dir; each process has
+    its own empty Inductor cache, so only the engine cache is shared."""
+    if quick:
+        return []
+    folder = tempfile.mkdtemp(prefix="torchtrt_ext_cache_")
+    rows = []
+    times = []
+    for run in (1, 2):
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), "TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, f"inductor{run}"),
+               "TRITON_CACHE_DIR": os.path.join(folder, f"triton{run}")}
+        done = subprocess.run([sys.executable, "-c", _CACHE_PROBE, os.path.join(folder, "engines")], env=env,
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-2000:])
+        seconds, hit = done.stdout.split()[-2:]
+        times.append(float(seconds))
+        rows.append({"method": f"engine cache, process {run}", "seconds": round(float(seconds), 2), "cache_hit": hit == "True"})
+    rows.append({"method": "engine cache: second / first", "seconds": round(times[1] / times[0], 3)})
+    return rows
