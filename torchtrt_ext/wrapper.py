@@ -84,12 +84,18 @@ class CompiledModule(torch.nn.Module):
     @property
     def state_dict_names(self) -> frozenset[str]:
         """The original module's state_dict names (parameters and persistent buffers)."""
-        return self.__dict__.setdefault("_state_dict_names", frozenset(self.original.state_dict(keep_vars=True)))
+        names = self.__dict__.get("_state_dict_names")
+        if names is None:
+            names = self.__dict__["_state_dict_names"] = frozenset(self.original.state_dict(keep_vars=True))
+        return names
 
     @property
     def weight_names(self) -> frozenset[str]:
         """Every parameter and buffer name of the original module (tied ones under each name)."""
-        return self.__dict__.setdefault("_weight_names", frozenset(self._watched_names))
+        names = self.__dict__.get("_weight_names")
+        if names is None:
+            names = self.__dict__["_weight_names"] = frozenset(self._watched_names)
+        return names
 
     def _follow_weights(self) -> None:
         """Auto-refit: where the model's weights were replaced or written in place since the last
