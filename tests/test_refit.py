@@ -364,3 +364,14 @@ def test_runtime_device_copies_match_and_check_every_pair_first():
     with pytest.raises(ValueError, match="pair 1 is not two contiguous tensors of one dtype and size"):
         _C.copy_async(dst, [src[0] * 2, src[1].t()])
     assert all(torch.equal(d, b) for d, b in zip(dst, before))  # nothing copied
+
+
+def test_strict_refit_needs_the_state_dict_only_and_keeps_non_persistent_buffers():
+    model, compiled, (args, _) = _compiled("buffers", "cpu")
+    shift = model.shift.clone()
+    new = zoo.build("buffers", seed=3)
+    report = torchtrt_ext.refit(compiled, new.state_dict())  # holds no 'shift' (not persistent)
+    assert "shift" in report.missing and "shift" not in report.updated
+    assert torch.equal(compiled.engines[0].named_weights()["shift"], shift)
+    new.shift.copy_(shift)
+    zoo.assert_matches(compiled(*args), new(*args), torch.float32)
