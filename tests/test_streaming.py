@@ -172,3 +172,77 @@ def test_peak_device_memory_stays_within_budget_plus_activations_plus_ring():
             torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
             if percent < 75:
                 assert ws.ring_bytes > 0
+
+
+class _ViewEscape(torch.nn.Module):
+    """A view of a weight made in one segment and read in the next (both streamed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(64, 64) / 8) for _ in range(4))
+
+    def forward(self, x):
+        t = self.w[0].t()
+        y = x @ self.w[1]
+        z = (y @ t) @ self.w[2]
+        return z @ self.w[3], self.w[3]  # a weight returned as it is
+
+
+class _ChannelsLast(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Conv2d(8, 16, 3)
+        self.d = torch.nn.Conv2d(16, 16, 3)
+
+    def forward(self, x):
+        return self.d(self.c(x))
+
+
+@pytest.mark.parametrize("case", ["view_escape", "channels_last"])
+def test_program_handles_weight_views_weight_outputs_and_non_contiguous_weights(case):
+    torch.manual_seed(0)
+    if case == "view_escape":
+        model, x = _ViewEscape().eval(), torch.randn(8, 64)
+    else:
+        model, x = _ChannelsLast().eval().to(memory_format=torch.channels_last), torch.randn(1, 8, 12, 12)
+    ep = torch.export.export(model, (x,), strict=False)
+    program = StreamedProgram(lifting.from_export(ep), torch.device("cpu"), segments=4)
+    expected = pytree.tree_leaves(model(x))
+    for percent in (0, 50, 100):
+        program.place(program.total_bytes * percent // 100)
+        for _ in range(2):  # the second call reuses the ring that held the first call's weights
+            got = program.run([x], 0)
+            assert len(got) == len(expected)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_budget_changes_and_refits_while_another_thread_runs():
+    import threading
+
+    model = zoo.build("mlp")
+    args, _ = zoo.inputs("mlp", 4)
+    ep = torch.export.export(model, args, strict=False)
+    program = StreamedProgram(lifting.from_export(ep), torch.device("cpu"), segments=3)
+    program.place(0)
+    expected = model(*args)
+    stop, errors, calls = threading.Event(), [], [0]
+
+    def runner():
+        try:
+            while not stop.is_set():
+                torch.testing.assert_close(program.run([args[0]], 1)[0], expected, rtol=1e-5, atol=1e-5)
+                calls[0] += 1
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=runner)
+    thread.start()
+    values = {i: w.tensor for i, w in enumerate(lifting.from_export(ep).weights)}
+    for i in range(60):
+        program.place(program.total_bytes * (i % 5) // 4 if i % 5 < 5 else 0)
+        program.load(values)  # the same values: outputs must not change
+    stop.set()
+    thread.join()
+    assert not errors, errors[0]
+    assert calls[0] > 0

@@ -70,6 +70,19 @@ def parse_budget(budget: int | str, total: int, device: torch.device) -> int:
     return budget
 
 
+def _real(value: Any, device: torch.device) -> Any:
+    """A real tensor like `value` (a fake or meta example) on `device`; other values as they are."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if any(not isinstance(s, int) for s in value.shape):
+        raise OptionError(
+            "weight streaming compiles for static shapes: compile with dynamic=False (torch.compile) or "
+            "dynamic_batch=False (torchtrt_ext.compile)"
+        )
+    real = torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device=device)
+    return real.zero_()  # zeros: integer inputs (token ids, indices) must be valid where they are used
+
+
 def move_graph_to(gm: torch.fx.GraphModule, device: torch.device) -> None:
     """Point the graph's own tensor creations (arange, zeros, _to_copy, ...) at `device` where they name
     the CPU: a model kept on the host is captured there, and runs on the device."""
@@ -165,6 +178,10 @@ class StreamedProgram:
         ph_index = 0
         input_positions = {p: k for k, p in enumerate(lifted.input_positions)}
         inputs_env: dict[int, int] = {}
+        # Example values, real (uninitialised) tensors on the device: each segment is compiled for
+        # what the compiled segments before it actually produce (their layouts may differ from the
+        # captured graph's, as weights arrive contiguous), by running them once here.
+        examples: dict[int, Any] = {}
         for node in split.graph.nodes:
             if node.op == "placeholder":
                 env_of[node] = len(env_of)
@@ -172,6 +189,7 @@ class StreamedProgram:
                     self._weight_env[env_of[node]] = weight_of[ph_index]
                 else:
                     inputs_env[input_positions[ph_index]] = env_of[node]
+                    examples[env_of[node]] = _real(lifted.example_args[ph_index], self.device)
                 ph_index += 1
             elif node.op == "call_module":
                 sub = getattr(split, node.target)
@@ -180,11 +198,13 @@ class StreamedProgram:
                     idx = env_of[a]
                     args.append(("w", self._weight_env[idx]) if idx in self._weight_env else ("v", idx))
                 env_of[node] = len(env_of)
-                seg = self._compile(sub, args, lifted)
+                seg, out = self._compile(sub, args, examples)
+                examples[env_of[node]] = out
                 self.segments.append(seg)
                 self._steps.append(("seg", len(self.segments) - 1, env_of[node]))
             elif node.op == "call_function" and node.target is operator.getitem:
                 env_of[node] = len(env_of)
+                examples[env_of[node]] = examples[env_of[node.args[0]]][node.args[1]]
                 self._steps.append(("item", env_of[node.args[0]], node.args[1], env_of[node]))
             elif node.op == "output":
                 self._outputs = [env_of[a] if isinstance(a, torch.fx.Node) else a for a in node.args[0]]
@@ -192,6 +212,17 @@ class StreamedProgram:
                 raise TorchTRTExtError(f"weight streaming cannot run the split graph's node {node.format_node()}")
         self._input_env = [inputs_env[k] for k in range(len(lifted.input_positions))]
         self._env_size = len(env_of)
+        # After each step, the env entries no later step or output reads: freed there, as Inductor would.
+        last: dict[int, int] = {}
+        for i, step in enumerate(self._steps):
+            reads = [step[1]] if step[0] == "item" else [x for kind, x in self.segments[step[1]].args if kind == "v"]
+            for x in reads:
+                last[x] = i
+        kept = {x for x in self._outputs if isinstance(x, int)}
+        self._release: list[list[int]] = [[] for _ in self._steps]
+        for x, i in last.items():
+            if x not in kept:
+                self._release[i].append(x)
 
         # 3. Master copies in pinned host memory, packed per segment of first use.
         first: dict[int, int] = {}
@@ -216,40 +247,70 @@ class StreamedProgram:
             if self._masters[w] is None:
                 self._masters[w] = t.detach().cpu().pin_memory() if self._cuda else t.detach().cpu().clone()
         self._weights = []  # the model's tensors are no longer needed here
-        self._resident: dict[int, torch.Tensor] = {}
+        # What run() reads, published as one tuple (placement, resident copies) so that a call sees
+        # one placement whole; place() and load() wait for calls in progress and hold new ones back.
+        self._state: tuple[Placement, dict[int, torch.Tensor]] | None = None
         self._slots: dict[int, _SlotState] = {}
-        self._lock = threading.Lock()
-        self.placement: Placement | None = None
+        self._cond = threading.Condition()
+        self._active = 0
+        self._changing = False
         self._version = 0
+
+    @property
+    def placement(self) -> Placement | None:
+        return self._state[0] if self._state else None
+
+    @property
+    def _resident(self) -> dict[int, torch.Tensor]:
+        return self._state[1] if self._state else {}
+
+    def _exclusive(self):
+        """Context: no call runs while the placement or the weights change."""
+        program = self
+
+        class _Held:
+            def __enter__(self_inner):
+                with program._cond:
+                    while program._changing:
+                        program._cond.wait()
+                    program._changing = True
+                    while program._active:
+                        program._cond.wait()
+                program._synchronize()  # and the GPU work already enqueued has finished
+
+            def __exit__(self_inner, *exc):
+                with program._cond:
+                    program._changing = False
+                    program._cond.notify_all()
+
+        return _Held()
 
     # --- build ------------------------------------------------------------------------------
 
-    def _compile(self, sub: torch.fx.GraphModule, args: list[tuple[str, int]], lifted: LiftedGraph) -> _Segment:
+    def _compile(
+        self, sub: torch.fx.GraphModule, args: list[tuple[str, int]], examples: dict[int, Any]
+    ) -> tuple[_Segment, Any]:
+        """Compile one segment for its example inputs and run it once on them (uninitialised values:
+        only the outputs' shapes and layouts matter, as examples for the segments after it)."""
         from torch._inductor.compile_fx import compile_fx
 
-        examples = []
-        for p in (n for n in sub.graph.nodes if n.op == "placeholder"):
+        inputs = []
+        for (kind, i), p in zip(args, (n for n in sub.graph.nodes if n.op == "placeholder")):
+            if kind == "v":
+                inputs.append(examples[i])
+                continue
             val = p.meta.get("val", p.meta.get("example_value"))
-            if isinstance(val, torch.Tensor):
-                if any(not isinstance(s, int) for s in val.shape):
-                    raise OptionError(
-                        "weight streaming compiles for static shapes: compile with dynamic=False "
-                        "(torch.compile) or dynamic_batch=False (torchtrt_ext.compile)"
-                    )
-                examples.append(torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=self.device))
-            else:
-                examples.append(val)
+            inputs.append(torch.empty(tuple(val.shape), dtype=val.dtype, device=self.device))  # packed: contiguous
         with torch.no_grad():
-            compiled = compile_fx(sub, examples, config_patches={"triton.cudagraphs": False})
-        del examples
-        outputs = []  # filled by the step that calls it (env index of the tuple)
+            compiled = compile_fx(sub, inputs, config_patches={"triton.cudagraphs": False})
+            out = compiled(*inputs)
         weights = [i for kind, i in args if kind == "w"]
-        return _Segment(compiled, args, outputs, weights)
+        return _Segment(compiled, args, [], weights), out
 
     # --- placement ----------------------------------------------------------------------------
 
     def place(self, budget: int) -> Placement:
-        """Keep up to `budget` bytes of weights resident; stream the rest. Waits for in-flight calls."""
+        """Keep up to `budget` bytes of weights resident; stream the rest. Waits until no call runs."""
         sizes = [_nbytes(m) for m in self._masters]
         uses: dict[int, int] = {}
         for seg in self.segments:
@@ -273,7 +334,7 @@ class StreamedProgram:
         def streamed_after(level: int, room: int) -> tuple[set[int], int]:
             chosen: set[int] = set()
             for ws in per_seg[1:]:
-                streamed = sum(sizes[w] for w in ws if w not in resident)
+                streamed = sum(sizes[w] for w in ws if w not in resident and w not in chosen)
                 for w in ws:
                     if streamed <= level:
                         break
@@ -306,17 +367,13 @@ class StreamedProgram:
             streamed.append(mine)
             offsets.append(offs)
             ring = max(ring, at)
-        with self._lock:
-            self._synchronize()  # no call may still read the old resident copies
+        with self._exclusive():  # no call runs; none has GPU work left
+            self._slots.clear()  # rings are sized per placement (dropped first: less peak memory)
             self._version += 1
             old = self._resident
-            self._resident = {}
-            for w in sorted(resident):
-                self._resident[w] = old[w] if w in old else self._masters[w].to(self.device, non_blocking=True)
+            fresh = {w: old[w] if w in old else self._masters[w].to(self.device, non_blocking=True) for w in sorted(resident)}
             del old
-            self._slots.clear()  # rings are sized per placement; made again at the next call
-            self._synchronize()
-            self.placement = Placement(
+            placement = Placement(
                 budget=budget,
                 resident=resident,
                 resident_bytes=sum(sizes[w] for w in resident),
@@ -325,6 +382,9 @@ class StreamedProgram:
                 ring_bytes=ring,
                 version=self._version,
             )
+            self._state = None
+            self._synchronize()  # the resident copies have arrived before any call reads them
+            self._state = (placement, fresh)
         log.info(
             "torchtrt_ext: weight streaming: %.1f of %.1f MiB resident (budget %.1f MiB), %d segments, ring 2 x %.1f MiB",
             self.placement.resident_bytes / 2**20,
@@ -337,9 +397,8 @@ class StreamedProgram:
 
     # --- execution ----------------------------------------------------------------------------
 
-    def _slot(self, slot: int) -> _SlotState:
+    def _slot(self, slot: int, placement: Placement) -> _SlotState:
         st = self._slots.get(slot)
-        placement = self.placement
         if st is None or st.version != placement.version:
             st = _SlotState(self.device)
             st.version = placement.version
@@ -359,17 +418,29 @@ class StreamedProgram:
         return st
 
     def run(self, inputs: Sequence[Any], slot: int) -> list[Any]:
+        with self._cond:
+            while self._changing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            return self._run(inputs, slot)
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def _run(self, inputs: Sequence[Any], slot: int) -> list[Any]:
         from ._runtime import _C
 
-        placement = self.placement
-        if placement is None:
+        if self._state is None:
             raise TorchTRTExtError("weight streaming has no placement yet")
-        st = self._slot(slot)
+        placement, resident = self._state  # one placement for the whole call
+        st = self._slot(slot, placement)
         cuda = self._cuda
         compute = torch.cuda.current_stream(self.device) if cuda else None
         n = len(self.segments)
         masters = self._masters
-        resident = self._resident
+        rings = {t.untyped_storage().data_ptr() for t in st.ring}
 
         def issue(j: int) -> None:
             ws = placement.streamed[j]
@@ -386,35 +457,55 @@ class StreamedProgram:
                 _C.copy_async(st.views[r][j], [masters[w] for w in ws])
                 st.copy_stream.record_event(st.copied[r])
 
+        def unalias(value: Any) -> Any:
+            """An output that views a ring buffer (a transposed weight, say) must outlive the buffer."""
+            if isinstance(value, torch.Tensor):
+                return value.clone() if value.untyped_storage().data_ptr() in rings else value
+            if isinstance(value, (tuple, list)):
+                return type(value)(unalias(v) for v in value)
+            return value
+
         env: list[Any] = [None] * self._env_size
         for k, idx in enumerate(self._input_env):
             env[idx] = inputs[k]
         for j in range(min(2, n)):
             issue(j)
-        for step in self._steps:
+        for i, step in enumerate(self._steps):
             if step[0] == "item":
                 _, src, item, dst = step
                 env[dst] = env[src][item]
-                continue
-            _, k, dst = step
-            seg = self.segments[k]
-            streamed = placement.streamed[k]
-            where = {}
-            if streamed:
-                if cuda:
-                    compute.wait_event(st.copied[k % 2])
-                where = dict(zip(streamed, st.views[k % 2][k]))
-            args = [
-                (resident[i] if i in resident else where[i]) if kind == "w" else env[i] for kind, i in seg.args
-            ]
-            env[dst] = seg.compiled(*args)
-            del args
-            if streamed and cuda:
-                compute.record_event(st.freed[k % 2])
-                st.freed_recorded[k % 2] = True
-            if k + 2 < n:
-                issue(k + 2)
-        return [env[i] if isinstance(i, int) else i for i in self._outputs]
+            else:
+                _, k, dst = step
+                seg = self.segments[k]
+                streamed = placement.streamed[k]
+                where = {}
+                if streamed:
+                    if cuda:
+                        compute.wait_event(st.copied[k % 2])
+                    where = dict(zip(streamed, st.views[k % 2][k]))
+                try:
+                    args = [
+                        (resident[w] if w in resident else where[w]) if kind == "w" else env[w] for kind, w in seg.args
+                    ]
+                    out = seg.compiled(*args)
+                    del args
+                    env[dst] = unalias(out) if streamed else out
+                finally:
+                    if streamed and cuda:  # also after an error: later copies must not overtake this segment
+                        compute.record_event(st.freed[k % 2])
+                        st.freed_recorded[k % 2] = True
+                if k + 2 < n:
+                    issue(k + 2)
+            for x in self._release[i]:
+                env[x] = None
+        outputs = []
+        for x in self._outputs:
+            if isinstance(x, int) and x in self._weight_env:  # a weight returned as it is
+                w = self._weight_env[x]
+                outputs.append(resident[w] if w in resident else masters[w].to(self.device))
+            else:
+                outputs.append(env[x] if isinstance(x, int) else x)
+        return outputs
 
     # --- weights ------------------------------------------------------------------------------
 
@@ -424,12 +515,12 @@ class StreamedProgram:
 
     def load(self, values: dict[int, torch.Tensor]) -> None:
         """New values into the host masters and the resident copies (waits for in-flight calls)."""
-        with self._lock:
-            self._synchronize()
+        with self._exclusive():
+            resident = self._resident
             for w, v in values.items():
                 self._masters[w].copy_(v)
-                if w in self._resident:
-                    self._resident[w].copy_(v)
+                if w in resident:
+                    resident[w].copy_(v)
             self._synchronize()
 
     def _synchronize(self) -> None:
@@ -438,7 +529,7 @@ class StreamedProgram:
 
     def memory(self) -> tuple[int, int]:
         """(resident weight bytes, ring bytes over all execution slots) on the device."""
-        ring = sum(_nbytes(t) for st in self._slots.values() for t in st.ring)
+        ring = sum(_nbytes(t) for st in list(self._slots.values()) for t in st.ring)
         return sum(_nbytes(t) for t in self._resident.values()), ring
 
 
