@@ -14,6 +14,7 @@ fails any check is refused with EngineFileError before anything is returned.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -38,6 +39,15 @@ DTYPES: dict[str, torch.dtype] = {
         torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
     )
 }
+
+
+def host_view(t: torch.Tensor) -> memoryview:
+    """A writable view of a contiguous CPU tensor's bytes (without numpy, which torch does not need)."""
+    assert t.device.type == "cpu" and t.is_contiguous()
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray(0))
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def aligned(n: int) -> int:
@@ -85,7 +95,8 @@ def write(path: str, header: dict, regions: Iterable[tuple[dict, torch.Tensor]])
             f.write(b"\0" * (body_start - PREAMBLE.size - len(raw)))
             for entry, data in regions:
                 if entry["nbytes"]:
-                    f.write(memoryview(data.cpu().numpy()))
+                    host = data.cpu().contiguous()
+                    f.write(host_view(host))
                 f.write(b"\0" * (entry["padded"] - entry["nbytes"]))
             size = f.tell()
         os.replace(tmp, path)
@@ -167,7 +178,7 @@ class EngineFile:
         self._f.seek(self.data_start + entry["offset"])
         target = into[:padded]
         if target.device.type == "cpu":
-            got = self._f.readinto(memoryview(target.numpy()))
+            got = self._f.readinto(host_view(target))
             if got != padded:
                 raise self._fail("truncated while reading data")
         else:
@@ -180,7 +191,7 @@ class EngineFile:
                 if events[turn % len(staging)] is not None:
                     events[turn % len(staging)].synchronize()  # its previous copy has left the buffer
                 n = min(buf.numel(), padded - done)
-                got = self._f.readinto(memoryview(buf[:n].numpy()))
+                got = self._f.readinto(host_view(buf[:n]))
                 if got != n:
                     raise self._fail("truncated while reading data")
                 target[done : done + n].copy_(buf[:n], non_blocking=True)

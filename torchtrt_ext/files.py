@@ -204,7 +204,7 @@ def read_programs(
         for entry in programs + ([cache] if cache else []):
             host = torch.empty(entry["padded"], dtype=torch.uint8)
             f.read_region(entry, host)
-            blobs.append(bytes(memoryview(host.numpy())[: entry["nbytes"]]))
+            blobs.append(bytes(engine_file.host_view(host)[: entry["nbytes"]]))
         values: dict[str, torch.Tensor] = {}
         for entry in tensors:
             dtype = engine_file.dtype_of(entry["dtype"], path)
