@@ -59,7 +59,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["torchtrt_ext", "torchtrt_ext.*"]),
     install_requires=["torch>=2.11"],
-    extras_require={"test": ["pytest>=7", "safetensors>=0.4"]},
+    extras_require={"test": ["pytest>=7", "safetensors>=0.4", "numpy"]},  # safetensors writes through numpy
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={
