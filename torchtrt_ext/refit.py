@@ -144,7 +144,8 @@ def _plan(
             if model_names is None or name not in model_names:
                 failures[name] = "is not a weight of the compiled model (pass strict=False to ignore it)"
 
-    specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    # Per name: the tensor itself where the source holds it already, else its (shape, dtype).
+    specs: dict[str, Any] = {}
     for name in given & engine_names:
         spec = source.spec(name)
         if isinstance(spec, str):
@@ -156,26 +157,27 @@ def _plan(
     loaded: dict[str, torch.Tensor] = {}
     for engine in engines:
         current = engine.weight_tensors()
+        identical = engine.settings.refit == "identical"
         chosen: dict[int, tuple[str, torch.Tensor]] = {}
         for name, index in engine.weight_index().items():
             spec = specs.get(name)
             if spec is None:
                 continue
             target = current[index]
-            if spec[0] != target.shape or spec[1] != target.dtype:
-                problem = _mismatch(*spec, target)
+            if spec.shape != target.shape or spec.dtype != target.dtype:
+                problem = _mismatch(spec.shape, spec.dtype, target)
                 if problem:
                     failures[name] = problem
                     continue
-            if name not in loaded:
-                loaded[name] = source.tensor(name)
-            value = loaded[name]
+            value = loaded.get(name)
+            if value is None:
+                value = loaded[name] = spec if isinstance(spec, torch.Tensor) else source.tensor(name)
             if index in chosen:
                 other, first = chosen[index]
                 if value is not first and not _same_values(value, first):
                     failures[name] = f"is tied to {other!r} in the model, but the new weights give them different values"
                 continue
-            if engine.settings.refit == "identical" and not _same_values(value, target):
+            if identical and not _same_values(value, target):
                 failures[name] = (
                     "differs from the weight the engine was built with; refit='identical' takes only those "
                     "values (compile with refit='refit' for new values)"

@@ -201,6 +201,11 @@ class StreamedProgram:
                 seg, out = self._compile(sub, args, examples)
                 examples[env_of[node]] = out
                 self.segments.append(seg)
+                log.info(  # progress: a large model has a few dozen segments, each an Inductor compile
+                    "torchtrt_ext: weight streaming: compiled segment %d of %d",
+                    len(self.segments),
+                    len(split.meta.get("partition_names", ())) or len(self.segments),
+                )
                 self._steps.append(("seg", len(self.segments) - 1, env_of[node]))
             elif node.op == "call_function" and node.target is operator.getitem:
                 env_of[node] = len(env_of)

@@ -13,7 +13,7 @@ import json
 import mmap
 import os
 import struct
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -38,6 +38,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
+class Spec(NamedTuple):
+    shape: torch.Size
+    dtype: torch.dtype
+
+
 class WeightSource:
     """Named tensors, with shape and dtype known before a tensor's data is read."""
 
@@ -46,8 +51,9 @@ class WeightSource:
     def names(self) -> list[str]:
         raise NotImplementedError
 
-    def spec(self, name: str) -> tuple[torch.Size, torch.dtype] | str:
-        """(shape, dtype) of `name`, or why it is not a usable tensor."""
+    def spec(self, name: str) -> Any:
+        """Something with the .shape and .dtype of `name` (the tensor itself where it is in memory
+        already, else a Spec, without reading its data), or a string saying why it is no tensor."""
         raise NotImplementedError
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -71,11 +77,11 @@ class MappingSource(WeightSource):
     def names(self) -> list[str]:
         return list(self._weights)
 
-    def spec(self, name: str) -> tuple[torch.Size, torch.dtype] | str:
+    def spec(self, name: str) -> Any:
         value = self._weights[name]
         if not isinstance(value, torch.Tensor):
             return f"is not a tensor (got {type(value).__name__})"
-        return value.shape, value.dtype
+        return value
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._weights[name]  # only ever read under no_grad
@@ -99,9 +105,9 @@ class SafetensorsSource(WeightSource):
     def names(self) -> list[str]:
         return list(self._entries)
 
-    def spec(self, name: str) -> tuple[torch.Size, torch.dtype]:
+    def spec(self, name: str) -> "Spec":
         dtype, shape, _, _ = self._entries[name]
-        return torch.Size(shape), dtype
+        return Spec(torch.Size(shape), dtype)
 
     def tensor(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self._entries[name]
