@@ -165,6 +165,13 @@ def load(path: str, device: str | torch.device | None = None) -> Any:
 
     start = time.perf_counter()
     header, eps = read_programs(str(path), device)
+    log.info(
+        "torchtrt_ext: %s read in %.1f s; compiling %d graph(s)%s",
+        path,
+        time.perf_counter() - start,
+        len(eps),
+        " from Inductor's cached artifacts" if header.get("inductor_cache") else " (no cached artifacts: a full compile)",
+    )
     module = eps[0].module()
     compiled = CompiledModule(module, Settings(**header["settings"]))
     compiled._forward_signature = _signature(header.get("forward_parameters"), compiled._forward_signature)
