@@ -745,6 +745,19 @@ void copy_async(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor
 #endif
 }
 
+// A new non-blocking stream on `device`, owned by the caller for the life of the process (wrapped in
+// Python with torch.cuda.ExternalStream): unlike torch's pool streams, no other code enqueues on it.
+int64_t create_stream(int64_t device) {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaStream_t raw = nullptr;
+  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking));
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(raw));
+#else
+  throw std::invalid_argument("create_stream: this build has no CUDA");
+#endif
+}
+
 bool built_with_cuda() {
 #ifdef TORCHTRT_EXT_WITH_CUDA
   return true;
@@ -768,6 +781,8 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("copy_async", &torchtrt_ext::copy_async, py::arg("dst"), py::arg("src"),
         "cudaMemcpyAsync of contiguous tensor pairs (device or pinned host source) on the current stream.");
+  m.def("create_stream", &torchtrt_ext::create_stream, py::arg("device"),
+        "A new non-blocking CUDA stream (its handle), never shared with torch's stream pool.");
   m.def("built_with_cuda", &torchtrt_ext::built_with_cuda,
         "True when this extension was built against CUDA (streams, events, side streams).");
   m.def(

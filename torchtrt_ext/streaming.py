@@ -119,9 +119,9 @@ class Placement:
 
 
 class _SlotState:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, copy_stream: Any):
         cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.copy_stream = copy_stream
         self.copied = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
         self.freed = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
         self.freed_recorded = [False, False]
@@ -256,6 +256,7 @@ class StreamedProgram:
         # one placement whole; place() and load() wait for calls in progress and hold new ones back.
         self._state: tuple[Placement, dict[int, torch.Tensor]] | None = None
         self._slots: dict[int, _SlotState] = {}
+        self._copy_streams: dict[int, Any] = {}
         self._cond = threading.Condition()
         self._active = 0
         self._changing = False
@@ -405,7 +406,7 @@ class StreamedProgram:
     def _slot(self, slot: int, placement: Placement) -> _SlotState:
         st = self._slots.get(slot)
         if st is None or st.version != placement.version:
-            st = _SlotState(self.device)
+            st = _SlotState(self.device, self._copy_stream(slot))
             st.version = placement.version
             if placement.ring_bytes:
                 st.ring = [torch.empty(placement.ring_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
@@ -433,6 +434,19 @@ class StreamedProgram:
             with self._cond:
                 self._active -= 1
                 self._cond.notify_all()
+
+    def _copy_stream(self, slot: int) -> Any:
+        """The slot's copy stream: the runtime's own (a pool stream could be the caller's, and copies
+        on it would wait behind the compute), made once per slot and kept across placements."""
+        if not self._cuda:
+            return None
+        stream = self._copy_streams.get(slot)
+        if stream is None:
+            from ._runtime import _C
+
+            handle = _C.create_stream(self.device.index if self.device.index is not None else torch.cuda.current_device())
+            stream = self._copy_streams[slot] = torch.cuda.ExternalStream(handle, device=self.device)
+        return stream
 
     def _run(self, inputs: Sequence[Any], slot: int) -> list[Any]:
         from ._runtime import _C
