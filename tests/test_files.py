@@ -173,3 +173,39 @@ def test_a_corrupt_engine_cache_entry_costs_a_recompile_never_a_wrong_engine(tmp
     assert not again._variants[0].from_cache
     assert "engine cache entry" in caplog.text and "not used" in caplog.text
     zoo.assert_matches(again(*args), model(*args), torch.float32)
+
+
+_PEAK_SCRIPT = """
+import sys, torch
+from torchtrt_ext.files import read_programs
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS:")
+header, eps = read_programs(sys.argv[1])
+print(status("VmHWM:") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_loading_on_the_host_reads_each_byte_once_into_its_place(tmp_path):
+    """A CPU load's peak memory is the weights themselves plus small change: no whole-file buffer, no
+    second copy (a plain read-then-copy would need twice the weights)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(16)]).eval()  # 256 MiB
+    compiled = torchtrt_ext.compile(model, (torch.randn(2, 2048),), dynamic_batch=False)
+    path = tmp_path / "big.ttx"
+    torchtrt_ext.save(compiled, path)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model, compiled
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = int(done.stdout.split()[-1])
+    assert weights <= growth <= weights + 96 * 2**20, f"peak growth {growth / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights"
