@@ -16,11 +16,12 @@ evenly under the compute.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -103,7 +104,6 @@ def move_graph_to(gm: torch.fx.GraphModule, device: torch.device) -> None:
 class _Segment:
     compiled: Callable[..., Any]
     args: list[tuple[str, int]]  # per placeholder: ("w", weight index) or ("v", env index)
-    outputs: list[int]  # env index of each output
     weights: list[int]  # weight indices used, in first-argument order
 
 
@@ -270,26 +270,22 @@ class StreamedProgram:
     def _resident(self) -> dict[int, torch.Tensor]:
         return self._state[1] if self._state else {}
 
-    def _exclusive(self):
-        """Context: no call runs while the placement or the weights change."""
-        program = self
-
-        class _Held:
-            def __enter__(self_inner):
-                with program._cond:
-                    while program._changing:
-                        program._cond.wait()
-                    program._changing = True
-                    while program._active:
-                        program._cond.wait()
-                program._synchronize()  # and the GPU work already enqueued has finished
-
-            def __exit__(self_inner, *exc):
-                with program._cond:
-                    program._changing = False
-                    program._cond.notify_all()
-
-        return _Held()
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """No call runs (and none has GPU work left) while the placement or the weights change."""
+        with self._cond:
+            while self._changing:
+                self._cond.wait()
+            self._changing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            self._synchronize()
+            yield
+        finally:
+            with self._cond:
+                self._changing = False
+                self._cond.notify_all()
 
     # --- build ------------------------------------------------------------------------------
 
@@ -311,7 +307,7 @@ class StreamedProgram:
             compiled = compile_fx(sub, inputs, config_patches={"triton.cudagraphs": False})
             out = compiled(*inputs)
         weights = [i for kind, i in args if kind == "w"]
-        return _Segment(compiled, args, [], weights), out
+        return _Segment(compiled, args, weights), out
 
     # --- placement ----------------------------------------------------------------------------
 
