@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .engines.tensorrt import tensorrt_version
 from .settings import Settings
 
 log = logging.getLogger("torchtrt_ext")
@@ -43,13 +44,7 @@ def key(module: torch.nn.Module, spec: Any, flat: Sequence[Any], settings: Setti
             h.update(repr(p).encode())
             h.update(b"\0")
 
-    try:
-        import tensorrt
-
-        trt = tensorrt.__version__
-    except Exception:
-        trt = None
-    add("torchtrt_ext", __version__, torch.__version__, trt)
+    add("torchtrt_ext", __version__, torch.__version__, tensorrt_version())
     add(sorted((k, v) for k, v in settings.as_dict().items() if k not in ("cache_dir", "max_variants")))
     add(str(spec))
     for leaf in flat:

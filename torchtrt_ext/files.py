@@ -14,6 +14,7 @@ import copy
 import inspect as inspect_module
 import io
 import logging
+import math
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from . import engine_file
 from .engine_file import EngineFile, tensor_bytes
+from .engines.tensorrt import tensorrt_version
 from .errors import EngineFileError, TorchTRTExtError
 from .settings import Settings
 
@@ -35,15 +37,6 @@ def _device_info(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, capability=f"{props.major}.{props.minor}")
     return info
-
-
-def _tensorrt_version() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-
-        return tensorrt.__version__
-    except Exception:
-        return None
 
 
 def _meta(value: Any) -> Any:
@@ -138,7 +131,7 @@ def write_variants(compiled: Any, variants: list, path: str, include_weights: bo
     header = {
         "format_version": engine_file.FORMAT_VERSION,
         "torch": torch.__version__,
-        "tensorrt": _tensorrt_version(),
+        "tensorrt": tensorrt_version(),
         "engine": variants[0].engine.kind,
         "device": _device_info(device),
         "settings": compiled.settings.as_dict(),
@@ -216,10 +209,7 @@ def read_programs(
         for entry in tensors:
             dtype = engine_file.dtype_of(entry["dtype"], path)
             shape = tuple(entry["shape"])
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             mine = [own[n] for n in entry["names"] if own is not None and n in own]
             if mine:
                 tensor = mine[0]
@@ -316,10 +306,7 @@ def inspect(path: str) -> str:
         ]
         total = 0
         for t in h["tensors"]:
-            numel = 1
-            for d in t["shape"]:
-                numel *= d
-            nbytes = numel * torch.empty((), dtype=engine_file.dtype_of(t["dtype"], path)).element_size()
+            nbytes = math.prod(t["shape"]) * engine_file.dtype_of(t["dtype"], path).itemsize
             total += nbytes
             lines.append(f"    {', '.join(t['names'])}: {t['dtype']} {tuple(t['shape'])} {nbytes} bytes")
         lines.append(f"  weights: {total} bytes ({total / 2**20:.1f} MiB)")

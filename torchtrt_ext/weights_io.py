@@ -10,6 +10,7 @@ the mapping, so the file is never read into memory as a whole.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -114,7 +115,7 @@ class SafetensorsSource(WeightSource):
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         offset = self._data_start + begin
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if offset % itemsize == 0:
             flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // itemsize, offset=offset)
         else:  # unaligned data: one copy of this tensor
@@ -162,10 +163,7 @@ def _read_safetensors_header(f, size: int, path: str) -> tuple[dict[str, tuple],
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             raise WeightFileError(f"{where} has bad data_offsets {offsets!r}")
         begin, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-        need = numel * torch.empty((), dtype=dtype).element_size()
+        need = math.prod(shape) * dtype.itemsize
         if not 0 <= begin <= end or end - begin != need:
             raise WeightFileError(
                 f"{where}: data_offsets {offsets} hold {end - begin} bytes, but dtype {meta['dtype']} and "

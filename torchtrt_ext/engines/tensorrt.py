@@ -20,6 +20,18 @@ def _import_problem() -> str | None:
     return None
 
 
+@functools.cache
+def tensorrt_version() -> str | None:
+    """The TensorRT version in this process, or None where TensorRT does not import (files and the
+    engine cache record it: engines built with one version are not reused with another)."""
+    try:
+        import tensorrt
+
+        return tensorrt.__version__
+    except Exception:
+        return None
+
+
 def unavailable_reason() -> str | None:
     """Why a TensorRT engine cannot run in this process, or None when it can."""
     problem = _import_problem()
