@@ -27,11 +27,12 @@ log = logging.getLogger("torchtrt_ext")
 def _source(cls: type) -> str:
     try:
         return inspect.getsource(cls)
-    except (OSError, TypeError):  # built in or defined interactively: its name and methods' code
-        return cls.__qualname__ + "".join(
-            getattr(getattr(cls, m, None), "__code__", b"").co_code.hex() if hasattr(getattr(cls, m, None), "__code__") else m
-            for m in sorted(vars(cls))
-        )
+    except (OSError, TypeError):  # built in or defined interactively: its name and its methods' bytecode
+        parts = [cls.__qualname__]
+        for member in sorted(vars(cls)):
+            code = getattr(getattr(cls, member, None), "__code__", None)
+            parts.append(code.co_code.hex() if code is not None else member)
+        return "".join(parts)
 
 
 def key(module: torch.nn.Module, spec: Any, flat: Sequence[Any], settings: Settings) -> str:
