@@ -165,7 +165,7 @@ def _plan(
                 continue
             target = current[index]
             if spec.shape != target.shape or spec.dtype != target.dtype:
-                problem = _mismatch(spec.shape, spec.dtype, target)
+                problem = weight_mismatch(spec.shape, spec.dtype, target)
                 if problem:
                     failures[name] = problem
                     continue
@@ -190,7 +190,7 @@ def _plan(
     return plan, unused, missing
 
 
-def _mismatch(shape: torch.Size, dtype: torch.dtype, target: torch.Tensor) -> str | None:
+def weight_mismatch(shape: torch.Size, dtype: torch.dtype, target: torch.Tensor) -> str | None:
     if tuple(shape) != tuple(target.shape):
         return f"has shape {tuple(shape)}, but the engine's weight has shape {tuple(target.shape)}"
     if dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point):

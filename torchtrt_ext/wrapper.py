@@ -26,6 +26,7 @@ from .backend import torchtrt_ext_backend
 from .engines import Engine, build_engine, resolve_kind
 from ._runtime import WeightWatch
 from .errors import InputError, RefitError, TorchTRTExtError
+from .refit import weight_mismatch
 from .settings import Settings
 from .signature import InputSignature
 
@@ -350,10 +351,11 @@ def _watch_weights(module: torch.nn.Module) -> tuple[Any, list[tuple[dict, str]]
 
 
 def _follows(new: torch.Tensor, old: torch.Tensor, any_device: bool = False) -> bool:
-    """Whether an engine compiled for `old` can compute with `new` (converting floating dtypes)."""
-    if new.shape != old.shape or (new.device != old.device and not any_device):
+    """Whether an engine compiled for `old` can compute with `new`: refit's rule (same shape, a
+    floating dtype converts), and on the same device unless the engine copies from anywhere."""
+    if new.device != old.device and not any_device:
         return False
-    return new.dtype == old.dtype or (new.dtype.is_floating_point and old.dtype.is_floating_point)
+    return weight_mismatch(new.shape, new.dtype, old) is None
 
 
 def _first_line(exc: BaseException) -> str:
