@@ -51,6 +51,14 @@ def test_saved_weights_are_the_engines_current_ones_and_stripped_files_need_a_re
     assert "weights stripped" in torchtrt_ext.inspect_file(tmp_path / "stripped.ttx")
 
 
+def test_a_stripped_file_with_non_persistent_buffers_is_complete_after_a_state_dict_refit(tmp_path):
+    model, compiled, (args, _) = _compiled("buffers")
+    torchtrt_ext.save(compiled, tmp_path / "stripped.ttx", include_weights=False)
+    stripped = torchtrt_ext.load(tmp_path / "stripped.ttx")
+    torchtrt_ext.refit(stripped, model.state_dict())  # holds no 'shift': the file kept it
+    assert torch.equal(stripped(*args), compiled(*args))
+
+
 def test_every_flipped_bit_and_every_truncation_is_refused_cleanly(tmp_path):
     """1,000 single-bit flips at random offsets, then 100 truncations: every byte of the file is under
     a check, so each must be a clean EngineFileError (never a crash, never a wrong result)."""

@@ -65,7 +65,7 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
             written += sum(v.nbytes for v in values.values())
         if isinstance(compiled, CompiledModule):
             compiled._watch.accept_all()  # what the model holds now is what the engines were given
-            if not missing:
+            if not missing & required:  # stripped files keep the rest (constants, non-persistent buffers)
                 compiled._weights_missing = False  # a stripped module is complete once every weight came
     updated = sorted(_names_loaded(plan))
     return RefitReport(
