@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from tests.stress_streams import cross_stream_call
+from tests.stress_streams import cross_stream_call, run_threads
 from torchtrt_ext._runtime import Runner
 
 
@@ -48,12 +48,7 @@ def main(calls: int = 200, threads: int = 3) -> None:
             with lock:
                 flags.append(bad)
 
-    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    torch.cuda.synchronize()
+    run_threads(worker, threads)
     wrong = sum(bool(f) for f in flags)
     print(f"sanitize_runtime: {len(flags)} calls, {threads} threads, {wrong} wrong outputs")
     raise SystemExit(1 if wrong else 0)

@@ -41,6 +41,16 @@ def cross_stream_call(fn, source, producer, engine_stream, consumer, check):
         return check(y)
 
 
+def run_threads(worker, threads: int) -> None:
+    """worker(t) on `threads` threads at once, then wait for all of them and for the device."""
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    torch.cuda.synchronize()
+
+
 def run(
     calls: int = 10_000, threads: int = 4, streams: int = 4, seed: int = 0, names=NAMES, cuda_graphs: bool = False
 ) -> dict:
@@ -86,12 +96,7 @@ def run(
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
-    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    torch.cuda.synchronize()
+    run_threads(worker, threads)
     if errors:
         raise errors[0]
     flags = [bool(f) for per_thread in results for f in per_thread]
