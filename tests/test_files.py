@@ -82,6 +82,33 @@ def test_every_flipped_bit_and_every_truncation_is_refused_cleanly(tmp_path):
     assert torch.equal(torchtrt_ext.load(path)(*args), compiled(*args))  # the intact file still loads
 
 
+@pytest.mark.cuda
+def test_a_device_load_through_many_small_staging_buffers_is_exact_and_refuses_flips(tmp_path, monkeypatch):
+    """Staging buffers far smaller than the weights: every region crosses several chunks and every
+    buffer is reused many times by its reader thread; the result must be bit-exact, and a flipped bit
+    in any region must be refused."""
+    from torchtrt_ext import files
+
+    monkeypatch.setattr(files, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(files, "STAGING_BUFFERS", 3)
+    _, compiled, (args, _) = _compiled("mlp", "cuda")
+    path = tmp_path / "m.ttx"
+    torchtrt_ext.save(compiled, path)
+    loaded = torchtrt_ext.load(path)
+    for name, value in compiled.engines[0].named_weights().items():
+        assert torch.equal(loaded.engines[0].named_weights()[name], value), name
+    assert torch.equal(loaded(*args), compiled(*args))
+    original = path.read_bytes()
+    rng = random.Random(1)
+    bad = tmp_path / "bad.ttx"
+    for _ in range(100):
+        data = bytearray(original)
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        bad.write_bytes(data)
+        with pytest.raises(EngineFileError):
+            torchtrt_ext.load(bad)
+
+
 def test_clear_errors_for_wrong_files_versions_and_devices(tmp_path):
     _, compiled, _ = _compiled("mlp")
     path = tmp_path / "m.ttx"

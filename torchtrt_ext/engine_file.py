@@ -168,40 +168,80 @@ class EngineFile:
             raise self._fail("the padding after the header is not zero (corrupt file)")
         return header, data_start
 
-    def read_region(self, entry: dict, into: torch.Tensor, staging: list[torch.Tensor] | None = None) -> None:
-        """Read one region (padded) into the uint8 tensor `into` (at least entry['padded'] bytes, on
-        any device), in chunks of the staging buffers' size (pinned host buffers for a device target,
-        used in turn so a read overlaps the previous copy), then check its sum on `into`'s device."""
-        padded = entry["padded"]
-        if padded == 0:
-            return
-        self._f.seek(self.data_start + entry["offset"])
-        target = into[:padded]
-        if target.device.type == "cpu":
-            got = self._f.readinto(host_view(target))
-            if got != padded:
-                raise self._fail("truncated while reading data")
-        else:
+    def read_regions(self, jobs: Iterable[tuple[dict, torch.Tensor]], staging: list[torch.Tensor] | None = None) -> None:
+        """Read regions (entry, into): each padded region into the uint8 tensor `into` (at least
+        entry['padded'] bytes, on any device), then check every region's sum on its device.
+
+        Device targets go through the pinned `staging` buffers: one reader thread per buffer (pread
+        releases the GIL, so reads from the page cache run in parallel), each chunk's host-to-device
+        copy enqueued on the current stream in file order, and a buffer read again only once its
+        copy has left it. The sums are compared at the end, with one synchronisation."""
+        jobs = [(entry, into[: entry["padded"]]) for entry, into in jobs if entry["padded"]]
+        sums: list[tuple[dict, torch.Tensor]] = []
+        chunks: list[tuple[int, torch.Tensor, tuple | None]] = []  # file offset, destination, (entry, region) it completes
+        for entry, target in jobs:
+            offset = self.data_start + entry["offset"]
+            if target.device.type == "cpu":
+                self._pread(host_view(target), offset)
+                sums.append((entry, _device_sum(target)))
+                continue
             assert staging, "a device target needs staging buffers"
-            events = [None] * len(staging)
-            done = 0
-            turn = 0
-            while done < padded:
-                buf = staging[turn % len(staging)]
-                if events[turn % len(staging)] is not None:
-                    events[turn % len(staging)].synchronize()  # its previous copy has left the buffer
-                n = min(buf.numel(), padded - done)
-                got = self._f.readinto(host_view(buf[:n]))
-                if got != n:
-                    raise self._fail("truncated while reading data")
-                target[done : done + n].copy_(buf[:n], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                events[turn % len(staging)] = event
-                done += n
-                turn += 1
-        if checksum(target) != entry["sum"]:
-            raise self._fail(f"the data of {entry.get('name', 'a blob')!r} does not match its checksum (corrupt file)")
+            size = staging[0].numel()
+            for start in range(0, entry["padded"], size):
+                end = min(start + size, entry["padded"])
+                chunks.append((offset + start, target[start:end], (entry, target) if end == entry["padded"] else None))
+        if chunks:
+            self._stage(chunks, staging, sums)
+        by_device: dict[torch.device, list[tuple[dict, torch.Tensor]]] = {}
+        for entry, value in sums:
+            by_device.setdefault(value.device, []).append((entry, value))
+        for group in by_device.values():
+            values = torch.cat([v for _, v in group]).tolist()  # one synchronisation per device
+            for (entry, _), value in zip(group, values):
+                if value % 2**64 != entry["sum"]:
+                    raise self._fail(f"the data of {entry.get('name', 'a blob')!r} does not match its checksum (corrupt file)")
+
+    def _stage(self, chunks: list, staging: list[torch.Tensor], sums: list) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(staging)
+
+        def read(i: int, copied: torch.cuda.Event | None) -> None:
+            if copied is not None:
+                copied.synchronize()  # the buffer's previous copy has left it (releases the GIL)
+            offset, dst, _ = chunks[i]
+            self._pread(host_view(staging[i % n][: dst.numel()]), offset)
+
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="torchtrt_ext-read")
+        try:
+            with torch.cuda.device(chunks[0][1].device):  # copies and events on the target's current stream
+                pending = {i: pool.submit(read, i, None) for i in range(min(n, len(chunks)))}
+                for i, (_, dst, completes) in enumerate(chunks):
+                    pending.pop(i).result()  # a failed read raises here
+                    dst.copy_(staging[i % n][: dst.numel()], non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record()
+                    if i + n < len(chunks):
+                        pending[i + n] = pool.submit(read, i + n, copied)
+                    if completes is not None:
+                        entry, region = completes
+                        sums.append((entry, _device_sum(region)))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _pread(self, view: memoryview, offset: int) -> None:
+        fd = self._f.fileno()
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise self._fail("truncated while reading data")
+            done += got
+
+
+def _device_sum(region: torch.Tensor) -> torch.Tensor:
+    """The region's checksum, not yet read back: an int64 tensor on the region's device."""
+    return torch.sum(region.view(torch.int32), dtype=torch.int64).view(1)
 
 
 def dtype_of(name: str, path: str) -> torch.dtype:

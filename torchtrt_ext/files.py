@@ -4,8 +4,9 @@ engine_file.py), loaded in bounded host memory.
 A file holds the settings, each compiled input signature's graph (``torch.export`` programs with their
 weights left out), the weights once (raw, aligned, checksummed) unless stripped, and Inductor's compiled
 artifacts, so that loading recompiles from Inductor's caches instead of from scratch. Loading reads
-every region through two small reusable staging buffers (pinned, for a CUDA target) straight into its
-place on the device: host memory grows by the staging buffers and the graphs, never by the weights.
+every region through a few small reusable staging buffers (pinned, for a CUDA target; read in
+parallel) straight into its place on the device: host memory grows by the staging buffers and the
+graphs, never by the weights.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .settings import Settings
 
 log = logging.getLogger("torchtrt_ext")
 
-STAGING_BYTES = 32 * 2**20  # each of the two staging buffers
+STAGING_BUFFERS = 8  # pinned staging buffers for a device target, each read by its own thread
+STAGING_BYTES = 8 * 2**20  # each; 64 MiB in all, whatever the file's size
 
 
 def _device_info(device: torch.device) -> dict:
@@ -198,13 +200,13 @@ def read_programs(
         target = _target_device(path, saved, device)
         staging = None
         if target.type == "cuda":
-            staging = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        # Blobs first (small, on the host), then the weights straight to the device.
-        blobs = []
+            staging = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_BUFFERS)]
+        # Blobs (small, on the host) and the weights (straight to the device), read and checked together.
+        jobs = []
+        hosts = []
         for entry in programs + ([cache] if cache else []):
-            host = torch.empty(entry["padded"], dtype=torch.uint8)
-            f.read_region(entry, host)
-            blobs.append(bytes(engine_file.host_view(host)[: entry["nbytes"]]))
+            hosts.append(torch.empty(entry["padded"], dtype=torch.uint8))
+            jobs.append((entry, hosts[-1]))
         values: dict[str, torch.Tensor] = {}
         for entry in tensors:
             dtype = engine_file.dtype_of(entry["dtype"], path)
@@ -223,10 +225,12 @@ def read_programs(
                     )
                 room = torch.empty(max(engine_file.aligned(nbytes), 4), dtype=torch.uint8, device=target)
                 if has_data:
-                    f.read_region(entry, room, staging)
+                    jobs.append((entry, room))
                 tensor = room[:nbytes].view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype, device=target)
             for name in entry["names"]:
                 values[name] = tensor
+        f.read_regions(jobs, staging)
+        blobs = [bytes(engine_file.host_view(host)[: entry["nbytes"]]) for host, (entry, _) in zip(hosts, jobs)]
         if target.type == "cuda":
             torch.cuda.synchronize(target)
     if cache:
