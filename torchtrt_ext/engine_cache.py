@@ -23,6 +23,8 @@ from .settings import Settings
 
 log = logging.getLogger("torchtrt_ext")
 
+ENTRY_FORMAT = 2  # what an entry holds; 2: graphs exported under no_grad, autotuning results included
+
 
 def _source(cls: type) -> str:
     try:
@@ -45,7 +47,7 @@ def key(module: torch.nn.Module, spec: Any, flat: Sequence[Any], settings: Setti
             h.update(repr(p).encode())
             h.update(b"\0")
 
-    add("torchtrt_ext", __version__, torch.__version__, tensorrt_version())
+    add("torchtrt_ext", __version__, ENTRY_FORMAT, torch.__version__, tensorrt_version())
     add(sorted((k, v) for k, v in settings.as_dict().items() if k not in ("cache_dir", "max_variants")))
     add(str(spec))
     for leaf in flat:

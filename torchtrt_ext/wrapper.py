@@ -228,6 +228,9 @@ class CompiledModule(torch.nn.Module):
             return None
         variant = self._variant_from_export(ep, spec, flat)
         if digest is not None:
+            if not variant._updates:  # one run first: Inductor's autotuning results then travel in the entry
+                with torch.no_grad():
+                    variant.engine(*flat)
             self._store_in_cache(digest, variant)
         if not first:
             log.info(
@@ -284,6 +287,13 @@ class CompiledModule(torch.nn.Module):
             log.warning("torchtrt_ext: could not write engine cache entry %s (%s)", path, _first_line(exc))
 
     def _export(self, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+        # Under no_grad (engines only run inference): a forward decorated with @torch.no_grad (Hugging
+        # Face's rotary embeddings) is then traced inline instead of as a wrap_with_set_grad_enabled
+        # node, which AOTAutograd's cache refuses; with that node, an engine cache hit re-traced the graph.
+        with torch.no_grad():
+            return self._export_graph(args, kwargs)
+
+    def _export_graph(self, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
         dynamic = None
         if self.settings.weight_streaming:  # capture on the model's device; streaming compiles static shapes
             home = next(itertools.chain(self.original.parameters(), self.original.buffers()), None)
