@@ -25,6 +25,7 @@ BENCHMARKS = {
     "refit": ("benchmarks.bench_refit", "run"),
     "streaming": ("benchmarks.bench_streaming", "run"),
     "files": ("benchmarks.bench_files", "run"),
+    "engine_cache": ("benchmarks.bench_files", "run_cache"),
 }
 
 

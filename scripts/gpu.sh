@@ -3,7 +3,8 @@
 # everything under OUT_DIR (logs, JSON, tables). Steps run in the order given; default: all of them.
 #
 #   bash scripts/gpu.sh OUT_DIR [build] [tests] [bench] [stress] [selftest] [sanitize]
-#   TESTS="tests/a.py ..." picks the test files; BENCHMARKS="name:timeout_s ..." the benchmarks.
+#   TESTS="tests/a.py ..." picks the test files; BENCHMARKS="name:timeout_s ..." the benchmarks;
+#   BENCH_ARGS="--quick" runs their smallest cases only.
 #
 # Each step's log lands in OUT_DIR; the last lines printed summarise every step (the device tool
 # returns the end of the output).
@@ -43,7 +44,7 @@ for s in $STEPS; do
         $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE \$f; done" ;;
     bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit
       step bench bash -c "for b in ${BENCHMARKS:-engine_llama:240 engine_resnet50:200 streams:100 refit:200 streaming:400 files:500}; do \
-        echo \"--- \${b%%:*}\"; timeout \${b##*:} $PY -m benchmarks \${b%%:*} --out $OUT; echo \"\${b%%:*} rc=\$?\"; done" ;;
+        echo \"--- \${b%%:*}\"; timeout \${b##*:} $PY -m benchmarks \${b%%:*} --out $OUT ${BENCH_ARGS:-}; echo \"\${b%%:*} rc=\$?\"; done" ;;
     stress)
       step stress $PY -m tests.stress_streams --calls 10000 --threads 4 ;;
     selftest)  # the runtime core without Python, plain and under compute-sanitizer (memcheck, racecheck, synccheck)
