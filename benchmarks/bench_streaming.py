@@ -21,30 +21,25 @@ from .models import LogitsOnly, llama
 BUDGETS = (0, 25, 50, 75, 100)
 
 
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """Medians of (step ms: call and synchronize, host ms: until the call returns) over the same calls.
+    Where the host time is close to the step time, the step is bound by the host's launches, not by
+    the GPU or the copies."""
+    fn()
+    torch.cuda.synchronize()
+    steps, hosts = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        returned = time.perf_counter()
+        torch.cuda.synchronize()
+        steps.append((time.perf_counter() - start) * 1e3)
+        hosts.append((returned - start) * 1e3)
+    return statistics.median(steps), statistics.median(hosts)
+
+
 def _time_ms(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def _host_ms(fn, repeats: int) -> float:
-    """Median time for a call to return (its GPU work not awaited): where it is close to the step
-    time, the step is bound by the host's launches, not by the GPU or the copies."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-        torch.cuda.synchronize()
-    return statistics.median(times)
+    return _timed(fn, repeats)[0]
 
 
 def _pinned_bandwidth(nbytes: int) -> float:
@@ -72,8 +67,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         for batch, tokens in shapes:
             ids = torch.randint(0, 32000, (batch, tokens), device=device)
             resident = torchtrt_ext.compile(gpu_model, (ids,), dynamic_batch=False)
-            t_resident = _time_ms(lambda: resident(ids), 10)
-            host_resident = _host_ms(lambda: resident(ids), 10)
+            t_resident, host_resident = _timed(lambda: resident(ids), 10)
             t_eager = _time_ms(lambda: gpu_model(ids), 5)  # an anchor against the engine benchmark's runs
             reference = resident(ids).float()
 
@@ -86,8 +80,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
                     ws.device_budget = f"{percent}%"
                     out = streamed(ids).float()
                     rel_err = ((out - reference).norm() / reference.norm()).item()
-                    t = _time_ms(lambda: streamed(ids), 5)
-                    host = _host_ms(lambda: streamed(ids), 5)
+                    t, host = _timed(lambda: streamed(ids), 5)
                     moved = _streamed_bytes(engine)
                     floor = max(t_resident, moved / bandwidth * 1e3)
                     rows.append(
