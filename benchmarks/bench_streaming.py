@@ -38,6 +38,27 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(steps), statistics.median(hosts)
 
 
+def _launch_profile(fn, steps: int = 3) -> dict:
+    """Per step: kernel launches and the GPU's busy time (sum of kernel and copy durations), from
+    torch.profiler. Same busy time and launches but a longer step: the difference is host work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    launches = 0
+    busy_us = 0.0
+    for e in prof.key_averages():
+        if "LaunchKernel" in e.key:
+            launches += e.count
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):  # the kernels and copies themselves
+            busy_us += e.self_device_time_total
+    return {"launches_per_step": launches // steps, "gpu_busy_ms": round(busy_us / steps / 1e3, 2)}
+
+
 def _time_ms(fn, repeats: int) -> float:
     return _timed(fn, repeats)[0]
 
@@ -68,6 +89,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             ids = torch.randint(0, 32000, (batch, tokens), device=device)
             resident = torchtrt_ext.compile(gpu_model, (ids,), dynamic_batch=False)
             t_resident, host_resident = _timed(lambda: resident(ids), 10)
+            resident_profile = _launch_profile(lambda: resident(ids))
             t_eager = _time_ms(lambda: gpu_model(ids), 5)  # an anchor against the engine benchmark's runs
             reference = resident(ids).float()
 
@@ -81,6 +103,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
                     out = streamed(ids).float()
                     rel_err = ((out - reference).norm() / reference.norm()).item()
                     t, host = _timed(lambda: streamed(ids), 5)
+                    profiled = _launch_profile(lambda: streamed(ids)) if percent == 100 else {}
                     moved = _streamed_bytes(engine)
                     floor = max(t_resident, moved / bandwidth * 1e3)
                     rows.append(
@@ -97,6 +120,8 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
                             "resident_engine_ms": round(t_resident, 2),
                             "resident_host_ms": round(host_resident, 2),
                             "eager_ms": round(t_eager, 2),
+                            **profiled,
+                            **({"resident_" + k: v for k, v in resident_profile.items()} if percent == 100 else {}),
                             "rel_err_vs_resident": round(rel_err, 5),
                             "segments": len(engine._streamed.segments),
                             "compile_s": round(compile_s, 1),
