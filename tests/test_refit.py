@@ -353,6 +353,29 @@ def test_double_buffer_out_of_device_memory_leaves_the_engine_unchanged():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("runtime_memcpy", [False, True])
+def test_refit_of_large_and_small_cuda_weights_by_either_copy_path(runtime_memcpy, monkeypatch):
+    """Weights above and below the fused-copy threshold, from CUDA sources, fp16 into fp16 and fp32
+    into fp16 (converted by the copy): equal to a fresh compile with the new weights."""
+    from torchtrt_ext.engines import builtin
+
+    monkeypatch.setattr(builtin, "_RUNTIME_MEMCPY", runtime_memcpy)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 64)).cuda().half().eval()
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.float16)
+    compiled = torchtrt_ext.compile(model, (x,), dynamic_batch=False)
+    torch.manual_seed(1)
+    fresh_model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 64)).cuda().half().eval()
+    new = {k: v.float() if k.startswith("2.") else v.clone() for k, v in fresh_model.state_dict().items()}
+    torchtrt_ext.refit(compiled, new)
+    fresh = torchtrt_ext.compile(fresh_model, (x,), dynamic_batch=False)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), fresh(x))
+        for name, value in fresh_model.state_dict().items():
+            assert torch.equal(compiled.engines[0].named_weights()[name], value), name
+
+
+@pytest.mark.cuda
 def test_runtime_device_copies_match_and_check_every_pair_first():
     from torchtrt_ext._runtime import _C
 

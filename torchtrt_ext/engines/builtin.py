@@ -253,8 +253,12 @@ def _prepare(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tenso
 
 # Same-device CUDA copies below this size go into multi-tensor launches (launch cost dominates); larger
 # ones are plain copies (a device-to-device memcpy each). Measured on the H100 for the 2.2 GB Llama:
-# 2.45 ms this way, 3.13 ms with every pair a memcpy enqueued by the runtime (one run each).
+# 2.45 ms this way, 3.13 ms with every pair a memcpy enqueued by the runtime (one run each, the second
+# with an unrelated host regression in it). _RUNTIME_MEMCPY=True enqueues the larger copies in one
+# runtime call instead of one torch copy_ each (less host time per copy); the refit benchmark times
+# both in one run, and the default follows what it shows.
 _FUSE_BELOW_BYTES = 1 << 20
+_RUNTIME_MEMCPY = False
 
 
 def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
@@ -262,17 +266,20 @@ def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor])
     if not destinations:
         return
     with torch.no_grad():
-        fused_dst, fused_src = [], []
+        fused_dst, fused_src, raw_dst, raw_src = [], [], [], []
         for dst, src in zip(destinations, sources):
-            if (
-                dst.is_cuda
-                and src.device == dst.device
-                and src.dtype == dst.dtype
-                and dst.numel() * dst.element_size() < _FUSE_BELOW_BYTES
-            ):
+            same = dst.is_cuda and src.device == dst.device and src.dtype == dst.dtype
+            if same and dst.numel() * dst.element_size() < _FUSE_BELOW_BYTES:
                 fused_dst.append(dst)
                 fused_src.append(src)
+            elif _RUNTIME_MEMCPY and same and dst.is_contiguous() and src.is_contiguous() and dst.shape == src.shape:
+                raw_dst.append(dst)
+                raw_src.append(src)
             else:
                 dst.copy_(src, non_blocking=True)
+        if raw_dst:
+            from .._runtime import _C
+
+            _C.copy_async(raw_dst, raw_src)
         if fused_dst:
             torch._foreach_copy_(fused_dst, fused_src, non_blocking=True)
