@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import statistics
 import tempfile
 import time
 
@@ -18,31 +17,11 @@ import torch
 import torchtrt_ext
 
 from .models import LogitsOnly, llama
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .timing import step_and_host_s, sync
 
 
 def _median_s(fn, device: torch.device, repeats: int) -> float:
-    return _timed_s(fn, device, repeats)[0]
-
-
-def _timed_s(fn, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Medians over the same calls of (seconds until the work is done, seconds until fn returns).
-    The second is the host's share: planning, checks and launching the copies."""
-    fn()  # warm-up
-    _sync(device)
-    totals, hosts = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        returned = time.perf_counter()
-        _sync(device)
-        totals.append(time.perf_counter() - start)
-        hosts.append(returned - start)
-    return statistics.median(totals), statistics.median(hosts)
+    return step_and_host_s(fn, device, repeats)[0]
 
 
 def _model(device: torch.device, quick: bool):
@@ -62,7 +41,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         start = time.perf_counter()
         compiled = torchtrt_ext.compile(model, (example,), dynamic_batch=False)
         compiled(example)
-        _sync(device)
+        sync(device)
         first_compile_s = time.perf_counter() - start
 
         names = dict(compiled.engines[0].named_weights())
@@ -106,14 +85,14 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         refit_s: dict[str, float] = {}
         host_s: dict[str, float] = {}
         for label, weights in [*sources.items(), ("safetensors file", path)]:
-            refit_s[label], host_s[label] = _timed_s(lambda: torchtrt_ext.refit(compiled, weights), device, repeats)
+            refit_s[label], host_s[label] = step_and_host_s(lambda: torchtrt_ext.refit(compiled, weights), device, repeats)
         if "cuda tensors" in sources:  # the other copy path for the large weights, in the same run
             from torchtrt_ext.engines import builtin
 
             builtin._RUNTIME_MEMCPY = not builtin._RUNTIME_MEMCPY
             try:
                 label = f"cuda tensors (runtime memcpy {'on' if builtin._RUNTIME_MEMCPY else 'off'})"
-                refit_s[label], host_s[label] = _timed_s(lambda: torchtrt_ext.refit(compiled, sources["cuda tensors"]), device, repeats)
+                refit_s[label], host_s[label] = step_and_host_s(lambda: torchtrt_ext.refit(compiled, sources["cuda tensors"]), device, repeats)
                 floors[label] = floors["cuda tensors"]
             finally:
                 builtin._RUNTIME_MEMCPY = not builtin._RUNTIME_MEMCPY
@@ -125,7 +104,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         start = time.perf_counter()
         again = torchtrt_ext.compile(model, (example,), dynamic_batch=False)
         again(example)
-        _sync(device)
+        sync(device)
         recompile_s = time.perf_counter() - start
         del again
 

@@ -9,7 +9,6 @@ accelerate's cpu_offload at budget 0.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import torch
@@ -17,25 +16,15 @@ import torch
 import torchtrt_ext
 
 from .models import LogitsOnly, llama
+from .timing import step_and_host_s
 
 BUDGETS = (0, 25, 50, 75, 100)
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
-    """Medians of (step ms: call and synchronize, host ms: until the call returns) over the same calls.
-    Where the host time is close to the step time, the step is bound by the host's launches, not by
-    the GPU or the copies."""
-    fn()
-    torch.cuda.synchronize()
-    steps, hosts = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        returned = time.perf_counter()
-        torch.cuda.synchronize()
-        steps.append((time.perf_counter() - start) * 1e3)
-        hosts.append((returned - start) * 1e3)
-    return statistics.median(steps), statistics.median(hosts)
+    """Medians of (step ms, host ms: until the call returns) over the same calls."""
+    step, host = step_and_host_s(fn, torch.device("cuda"), repeats)
+    return step * 1e3, host * 1e3
 
 
 def _launch_profile(fn, steps: int = 3) -> dict:

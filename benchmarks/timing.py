@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -25,7 +25,7 @@ def latency_ms(
     for fn in variants.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     single: dict[str, list[float]] = {name: [] for name in variants}
     batched: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
@@ -33,12 +33,12 @@ def latency_ms(
             for _ in range(calls):
                 start = time.perf_counter()
                 fn()
-                _sync(device)
+                sync(device)
                 single[name].append((time.perf_counter() - start) * 1e3)
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
-            _sync(device)
+            sync(device)
             batched[name].append((time.perf_counter() - start) * 1e3 / calls)
     return {
         name: {
@@ -79,3 +79,20 @@ def host_us_interleaved(variants: dict[str, Callable[[], Any]], calls: int, roun
                 fn()
             results[name].append((time.perf_counter() - start) / calls * 1e6)
     return {name: statistics.median(values) for name, values in results.items()}
+
+
+def step_and_host_s(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
+    """Medians over the same calls (after one warm-up) of (seconds until the work is done, seconds
+    until fn returns). Where the second is close to the first, the host's work (checks, launches) is
+    what bounds the step, not the device."""
+    fn()
+    sync(device)
+    totals, hosts = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        returned = time.perf_counter()
+        sync(device)
+        totals.append(time.perf_counter() - start)
+        hosts.append(returned - start)
+    return statistics.median(totals), statistics.median(hosts)
