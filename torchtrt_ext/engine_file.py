@@ -56,8 +56,7 @@ def aligned(n: int) -> int:
 
 def checksum(region: torch.Tensor) -> int:
     """Sum of the region's int32 words mod 2**64 (region: uint8, length a multiple of 4, any device)."""
-    total = int(torch.sum(region.view(torch.int32), dtype=torch.int64).item())
-    return total % 2**64
+    return int(_device_sum(region).item()) % 2**64
 
 
 def tensor_bytes(t: torch.Tensor) -> torch.Tensor:

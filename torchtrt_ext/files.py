@@ -198,9 +198,6 @@ def read_programs(
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineFileError(f"{path}: the header is missing or has a bad field ({exc}) (corrupt file)") from None
         target = _target_device(path, saved, device)
-        staging = None
-        if target.type == "cuda":
-            staging = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_BUFFERS)]
         # Blobs (small, on the host) and the weights (straight to the device), read and checked together.
         jobs = []
         hosts = []
@@ -229,6 +226,9 @@ def read_programs(
                 tensor = room[:nbytes].view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype, device=target)
             for name in entry["names"]:
                 values[name] = tensor
+        staging = None
+        if any(into.device.type == "cuda" for _, into in jobs):  # a stripped entry has none: no pinning
+            staging = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_BUFFERS)]
         f.read_regions(jobs, staging)
         blobs = [bytes(engine_file.host_view(host)[: entry["nbytes"]]) for host, (entry, _) in zip(hosts, jobs)]
         if target.type == "cuda":
