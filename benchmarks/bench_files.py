@@ -149,10 +149,11 @@ def timed(owner, name, label):  # where the time goes: the breakdown printed wit
             spent[label] += time.perf_counter() - start
     setattr(owner, name, run)
 timed(engine_cache, "key", "cache key")
-timed(files, "read_programs", "read entry (incl. export.load)")
+timed(files, "read", "read entry")
 timed(torch.export, "load", "torch.export.load")
 timed(wrapper.CompiledModule, "_export", "torch.export")
 timed(builtin, "_compile", "Inductor compile")
+timed(builtin, "_load_artifact", "load compiled code")
 timed(wrapper.CompiledModule, "_store_in_cache", "write entry")
 cache = sys.argv[1]
 model = LogitsOnly(llama(torch.device("cuda"), torch.float16))
@@ -166,6 +167,7 @@ torch.cuda.synchronize()
 spent["first call"] = time.perf_counter() - called
 seen = {k: dict(v) for k, v in counters.items() if k in ("aot_autograd", "inductor")}
 print(json.dumps({"seconds": time.perf_counter() - start, "hit": compiled._variants[0].from_cache,
+                  "compiled_code": compiled._variants[0].engine.artifact is not None,
                   "breakdown": {k: round(v, 2) for k, v in spent.items()},
                   "aot_cache": {k: v for k, v in seen.get("aot_autograd", {}).items() if "cache" in k},
                   "fx_cache": {k: v for k, v in seen.get("inductor", {}).items() if "fxgraph" in k}}))
@@ -195,6 +197,7 @@ def _cache_rows(quick: bool) -> list[dict]:
         result = json.loads(done.stdout.strip().splitlines()[-1])
         times.append(result["seconds"])
         rows.append({"method": f"engine cache, process {run}", "seconds": round(result["seconds"], 2), "cache_hit": result["hit"],
+                     "compiled_code": result["compiled_code"],
                      "breakdown": result["breakdown"], "aot_cache": result["aot_cache"], "fx_cache": result["fx_cache"]})
         print(rows[-1], flush=True)
     rows.append({"method": "engine cache: second / first", "seconds": round(times[1] / times[0], 3)})

@@ -195,19 +195,270 @@ def test_engine_cache_is_reused_by_a_second_process_and_keyed_by_the_model(tmp_p
     assert len(os.listdir(cache)) == 2
 
 
-def test_a_corrupt_engine_cache_entry_costs_a_recompile_never_a_wrong_engine(tmp_path, caplog):
+_HIT_SCRIPT = """
+import sys, torch, torchtrt_ext
+import torch._inductor.compile_fx as compile_fx_module
+from tests import zoo
+name, cache, seed, saved = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+second = bool(saved)
+real = (compile_fx_module.compile_fx, torch.export.load, torch.export.export)
+if second:  # a hit must trace and compile nothing
+    def refuse(what):
+        def call(*args, **kwargs):
+            raise AssertionError(what + " was called on an engine cache hit")
+        return call
+    compile_fx_module.compile_fx = refuse("compile_fx")
+    torch.export.load, torch.export.export = refuse("torch.export.load"), refuse("torch.export.export")
+model = zoo.build(name, seed=seed)
+args, kwargs = zoo.inputs(name, 4)
+compiled = torchtrt_ext.compile(model, args, kwargs, cache_dir=cache)
+compile_fx_module.compile_fx, torch.export.load, torch.export.export = real
+variant = compiled._variants[0]
+with torch.no_grad():
+    for batch in (4, 3, 9):  # fresh random inputs; the batch size is symbolic (dynamic_batch)
+        args, kwargs = zoo.inputs(name, batch)
+        zoo.assert_matches(compiled(*args, **kwargs), model(*args, **kwargs), torch.float32)
+    assert len(compiled._variants) == 1
+    if second:
+        other = zoo.build(name, seed=seed + 1)
+        torchtrt_ext.refit(compiled, other.state_dict())
+        zoo.assert_matches(compiled(*args, **kwargs), other(*args, **kwargs), torch.float32)
+        third = zoo.build(name, seed=seed + 2)
+        model.load_state_dict(third.state_dict())  # followed by the engine (auto weight-follow)
+        zoo.assert_matches(compiled(*args, **kwargs), third(*args, **kwargs), torch.float32)
+        torchtrt_ext.save(compiled, saved)  # reads the graph from the entry (torch.export.load) now
+        loaded = torchtrt_ext.load(saved)
+        assert loaded._variants[0].engine.artifact is not None  # the saved file holds the compiled code too
+        zoo.assert_matches(loaded(*args, **kwargs), third(*args, **kwargs), torch.float32)
+print("hit", variant.from_cache, variant.engine.artifact is not None)
+"""
+
+
+def test_a_second_process_loads_the_cached_compiled_code_and_traces_nothing(tmp_path):
+    """Process 2 (its own empty Inductor cache) gets its engine from the entry's compiled code:
+    compile_fx, torch.export.load and torch.export.export refuse to run while it compiles. Its outputs
+    match eager for its own weights at several batch sizes; refit, auto weight-follow and save (with
+    the saved file loaded back) work on the engine it got."""
+    import subprocess
+    import sys
+
+    cache = str(tmp_path / "engines")
+    runs = []
+    for run, saved in ((1, ""), (2, str(tmp_path / "saved.ttx"))):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{run}"), "PYTHONPATH": os.getcwd()}
+        done = subprocess.run([sys.executable, "-c", _HIT_SCRIPT, "multi_io", cache, str(run), saved], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(done.stdout.split()[-3:])
+    assert runs == [["hit", "False", "True"], ["hit", "True", "True"]]
+
+
+_real_export_load = torch.export.load
+
+
+def _refuse_compiling(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("traced or compiled where the compiled code should have been loaded")
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", refuse)
+    monkeypatch.setattr(torch.export, "load", refuse)
+    monkeypatch.setattr(torch.export, "export", refuse)
+
+
+class _Counting(torch.nn.Module):
+    """Updates a buffer and an input in place; its layer is used twice under two names (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.again = self.fc
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("total", torch.zeros(8))
+
+    def forward(self, x, acc):
+        self.calls += 1
+        y = self.again(self.fc(x))
+        self.total.add_(y.sum(0))
+        acc.mul_(0.5).add_(y)
+        return {"y": y * self.calls, "scaled": (y.sum(), x.shape[0] * y)}
+
+
+def test_a_cache_hit_binds_in_place_updates_tied_weights_and_output_structure(tmp_path, monkeypatch):
+    cache = str(tmp_path / "engines")
+    torch.manual_seed(0)
+    first = _Counting()
+    torchtrt_ext.compile(first, (torch.randn(4, 8), torch.randn(4, 8)), cache_dir=cache)
+    model, twin = _Counting(), _Counting()
+    twin.load_state_dict(model.state_dict())
+    with monkeypatch.context() as patched:
+        _refuse_compiling(patched)
+        compiled = torchtrt_ext.compile(model, (torch.randn(4, 8), torch.randn(4, 8)), cache_dir=cache)
+    (variant,) = compiled._variants
+    assert variant.from_cache and variant.engine.artifact is not None
+    assert compiled.engines[0].named_weights()["again.weight"] is compiled.engines[0].named_weights()["fc.weight"]
+    with torch.no_grad():
+        for batch in (4, 6):
+            x, acc = torch.randn(batch, 8), torch.randn(batch, 8)
+            acc_twin = acc.clone()
+            zoo.assert_matches(compiled(x, acc), twin(x, acc_twin), torch.float32)
+            torch.testing.assert_close(acc, acc_twin)
+    torch.testing.assert_close(model.total, twin.total)
+    assert float(model.calls) == float(twin.calls) == 2
+
+
+def test_static_shapes_hit_too_and_another_shape_is_another_entry(tmp_path, monkeypatch):
+    cache = tmp_path / "engines"
+    model = zoo.build("buffers")
+    (x,), _ = zoo.inputs("buffers", 4)
+    torchtrt_ext.compile(model, (x,), cache_dir=str(cache), dynamic_batch=False)
+    with monkeypatch.context() as patched:
+        _refuse_compiling(patched)
+        compiled = torchtrt_ext.compile(model, (x,), cache_dir=str(cache), dynamic_batch=False)
+    assert compiled._variants[0].from_cache
+    (x,), _ = zoo.inputs("buffers", 4)
+    with torch.no_grad():
+        zoo.assert_matches(compiled(x), model(x), torch.float32)
+        (y,), _ = zoo.inputs("buffers", 5)
+        zoo.assert_matches(compiled(y), model(y), torch.float32)  # a second variant, compiled and stored
+    assert [v.from_cache for v in compiled._variants] == [True, False]
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_where_inductor_cannot_save_the_code_the_entry_holds_the_graph_and_a_hit_compiles_it(tmp_path, monkeypatch, caplog):
+    from torchtrt_ext.engines import builtin
+
+    def unsaveable(artifact):
+        raise RuntimeError("no aot_autograd artifacts")
+
+    cache = str(tmp_path / "engines")
+    model = zoo.build("mlp")
+    args, _ = zoo.inputs("mlp", 4)
+    with monkeypatch.context() as patched:
+        patched.setattr(builtin, "_artifact_bytes", unsaveable)
+        torchtrt_ext.compile(model, args, cache_dir=cache)
+    assert "could not save the compiled code whole" in caplog.text
+    again = torchtrt_ext.compile(model, args, cache_dir=cache)
+    variant = again._variants[0]
+    assert variant.from_cache and variant.engine.artifact is None  # the graph path: torch.export.load + compile_fx
+    args, _ = zoo.inputs("mlp", 7)
+    with torch.no_grad():
+        zoo.assert_matches(again(*args), model(*args), torch.float32)
+
+
+def test_save_of_a_cache_compiled_module_loads_its_compiled_code(tmp_path, monkeypatch):
+    model, compiled, (args, kwargs) = _compiled("encoder", cache_dir=str(tmp_path / "engines"))
+    full, stripped = tmp_path / "full.ttx", tmp_path / "stripped.ttx"
+    torchtrt_ext.save(compiled, full)
+    torchtrt_ext.save(compiled, stripped, include_weights=False)
+    assert "1 with compiled code" in torchtrt_ext.files.inspect(str(full))
+    with monkeypatch.context() as patched:
+        _refuse_compiling(patched)
+        patched.setattr(torch.export, "load", _real_export_load)  # load() reads the model's structure from the graph
+        loaded = torchtrt_ext.load(full)
+        empty = torchtrt_ext.load(stripped)
+    assert loaded._variants[0].engine.artifact is not None
+    (x,), _ = zoo.inputs("encoder", 3)
+    with torch.no_grad():
+        zoo.assert_matches(loaded(x), model(x), torch.float32)
+        with pytest.raises(RefitError, match="weight-stripped"):
+            empty(x)
+        torchtrt_ext.refit(empty, model.state_dict())
+        zoo.assert_matches(empty(x), model(x), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("options", [dict(cuda_graphs=True, dynamic_batch=False), dict(refit_double_buffer=True)],
+                         ids=["cuda_graphs", "double_buffer"])
+def test_a_cuda_cache_hit_runs_refits_and_follows_weights(tmp_path, monkeypatch, options):
+    cache, dtype = str(tmp_path / "engines"), torch.float16
+    torchtrt_ext.compile(zoo.build("encoder", "cuda", dtype), zoo.inputs("encoder", 4, "cuda", dtype)[0], cache_dir=cache, **options)
+    model = zoo.build("encoder", "cuda", dtype, seed=1)
+    with monkeypatch.context() as patched:
+        _refuse_compiling(patched)
+        compiled = torchtrt_ext.compile(model, zoo.inputs("encoder", 4, "cuda", dtype)[0], cache_dir=cache, **options)
+    assert compiled._variants[0].from_cache and compiled._variants[0].engine.artifact is not None
+    with torch.no_grad():
+        for batch in (4,) if "dynamic_batch" in options else (4, 7):
+            for _ in range(2):  # CUDA-graph mode: captured, then replayed
+                (x,), _ = zoo.inputs("encoder", batch, "cuda", dtype)
+                zoo.assert_matches(compiled(x), model(x), dtype)
+        other = zoo.build("encoder", "cuda", dtype, seed=2)
+        torchtrt_ext.refit(compiled, other.state_dict())
+        zoo.assert_matches(compiled(x), other(x), dtype)
+        third = zoo.build("encoder", "cuda", dtype, seed=3)
+        model.load_state_dict(third.state_dict())  # followed by the engine
+        zoo.assert_matches(compiled(x), third(x), dtype)
+    assert len(compiled._variants) == 1
+
+
+def _region(path, name):
+    from torchtrt_ext.engine_file import EngineFile
+
+    with EngineFile(str(path)) as f:
+        for entry in f.header["programs"] + f.header["artifacts"]:
+            if entry["name"] == name:
+                return f.data_start + entry["offset"], entry["nbytes"]
+    raise KeyError(name)
+
+
+def _rewrite(path, change):
+    """Write the entry again with `change(header, blobs)` applied, every checksum valid."""
+    from torchtrt_ext import engine_file
+    from torchtrt_ext.engine_file import EngineFile
+
+    with EngineFile(str(path)) as f:
+        header = f.header
+        entries = [e for e in header["programs"] + header["artifacts"] + header["tensors"] + [header["inductor_cache"]] if e and "offset" in e]
+        data = path.read_bytes()
+        blobs = {e["name"]: data[f.data_start + e["offset"] : f.data_start + e["offset"] + e["nbytes"]] for e in entries}
+    change(header, blobs)
+    engine_file.write(str(path), header, [(e, torch.frombuffer(bytearray(blobs[e["name"]]) or bytearray(1), dtype=torch.uint8)[: len(blobs[e["name"]])]) for e in entries])
+
+
+def _garbage_code(header, blobs):
+    blobs["artifact 0"] = b"not Inductor's binary format" * 10
+
+
+def _other_dtype(header, blobs):
+    header["artifacts"][0]["binding"]["signature"]["leaves"][0]["dtype"] = "float64"
+
+
+def _missing_weight(header, blobs):
+    header["artifacts"][0]["binding"]["lifted"]["weights"][0][1] = "no.such.weight"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["a flipped bit in the middle", "a flipped bit in the compiled code", "a flipped bit in the graph",
+     "compiled code of another format", "a binding for other inputs", "a binding naming a missing weight"],
+)
+def test_a_corrupt_or_mismatched_engine_cache_entry_costs_a_recompile_never_a_wrong_engine(tmp_path, caplog, damage):
     cache = tmp_path / "engines"
     model = zoo.build("mlp")
     args, _ = zoo.inputs("mlp", 4)
     torchtrt_ext.compile(model, args, cache_dir=str(cache))
     (entry,) = cache.iterdir()
-    data = bytearray(entry.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    entry.write_bytes(data)
+    if "flipped" in damage:
+        data = bytearray(entry.read_bytes())
+        if damage.endswith("middle"):
+            at = len(data) // 2
+        else:
+            start, size = _region(entry, "artifact 0" if damage.endswith("code") else "program 0")
+            at = start + size // 2
+        data[at] ^= 0x10
+        entry.write_bytes(data)
+    else:
+        _rewrite(entry, {"compiled code of another format": _garbage_code, "a binding for other inputs": _other_dtype,
+                         "a binding naming a missing weight": _missing_weight}[damage])
     again = torchtrt_ext.compile(model, args, cache_dir=str(cache))
     assert not again._variants[0].from_cache
     assert "engine cache entry" in caplog.text and "not used" in caplog.text
-    zoo.assert_matches(again(*args), model(*args), torch.float32)
+    with torch.no_grad():
+        zoo.assert_matches(again(*args), model(*args), torch.float32)
+    third = torchtrt_ext.compile(model, args, cache_dir=str(cache))  # the entry was written again
+    assert third._variants[0].from_cache and third._variants[0].engine.artifact is not None
 
 
 _PEAK_SCRIPT = """

@@ -1,11 +1,16 @@
 """The engine cache (option ``cache_dir``): compiled graphs kept on disk, keyed by what determines them,
 so that a second process compiling the same model skips both torch.export and Inductor's codegen.
 
-An entry is a weight-stripped engine file (engine_file.py) holding the exported graph of one input
-signature and Inductor's cache artifacts. The key hashes: torchtrt_ext, torch and TensorRT versions;
-the device and its compute capability; the settings; the call's structure, dtypes and shapes; and the
-model: its module classes, the source of their code, and the names, shapes and dtypes of its
-parameters and buffers. On a hit the graph is bound to the live model's own tensors.
+An entry is a weight-stripped engine file (engine_file.py) of one input signature: the engine's
+compiled code saved whole (Inductor's CompiledArtifact of the lifted graph) with what binds it to a
+model (where each weight and input goes, the signature, the output structure, the in-place updates),
+the exported graph (read only where a module built from the entry is saved), and Inductor's cache
+artifacts (autotuning results). The key hashes: torchtrt_ext, torch and TensorRT versions; the device
+and its compute capability; the settings; the call's structure, dtypes and shapes; and the model: its
+module classes, the source of their code, and the names, shapes and dtypes of its parameters and
+buffers. On a hit the compiled code is loaded and bound to the live model's own tensors: nothing is
+exported, traced or compiled. An entry whose code Inductor could not save whole holds the graph
+alone, which a hit compiles again (from Inductor's caches where they help).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from .settings import Settings
 
 log = logging.getLogger("torchtrt_ext")
 
-ENTRY_FORMAT = 2  # what an entry holds; 2: graphs exported under no_grad, autotuning results included
+# What an entry holds. 2: graphs exported under no_grad, autotuning results included; 3: the compiled code
+# saved whole, with its binding.
+ENTRY_FORMAT = 3
 
 
 def _source(cls: type) -> str:

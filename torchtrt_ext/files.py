@@ -3,7 +3,9 @@ engine_file.py), loaded in bounded host memory.
 
 A file holds the settings, each compiled input signature's graph (``torch.export`` programs with their
 weights left out), the weights once (raw, aligned, checksummed) unless stripped, and Inductor's compiled
-artifacts, so that loading recompiles from Inductor's caches instead of from scratch. Loading reads
+artifacts, so that loading recompiles from Inductor's caches instead of from scratch. Where an engine
+kept its compiled code saved whole (compiled with cache_dir), the file holds that too, with what binds
+it to the model (header "artifacts", one per graph or null): loading then compiles nothing. Loading reads
 every region through a few small reusable staging buffers (pinned, for a CUDA target; read in
 parallel) straight into its place on the device: host memory grows by the staging buffers and the
 graphs, never by the weights.
@@ -120,6 +122,14 @@ def write_variants(compiled: Any, variants: list, path: str, include_weights: bo
         entry = {"name": f"program {len(programs)}"}
         programs.append(entry)
         regions.append((entry, torch.frombuffer(bytearray(_program_bytes(variant.exported)), dtype=torch.uint8)))
+    # Each graph's compiled code saved whole, where its engine has it: loading it compiles nothing.
+    saved_code: list[dict | None] = []
+    for variant in variants:
+        binding = variant.binding() if variant.engine.artifact is not None else None
+        entry = None if binding is None else {"name": f"artifact {len(saved_code)}", "binding": binding}
+        saved_code.append(entry)
+        if entry is not None:
+            regions.append((entry, torch.frombuffer(bytearray(variant.engine.artifact), dtype=torch.uint8)))
     cache = None
     try:
         artifacts = torch.compiler.save_cache_artifacts()
@@ -145,6 +155,7 @@ def write_variants(compiled: Any, variants: list, path: str, include_weights: bo
         "weights_included": include_weights,
         "tensors": tensors,
         "programs": programs,
+        "artifacts": saved_code,
         "inductor_cache": cache,
     }
     size = engine_file.write(path, header, regions)
@@ -159,19 +170,22 @@ def load(path: str, device: str | torch.device | None = None) -> Any:
     from .wrapper import CompiledModule
 
     start = time.perf_counter()
-    header, eps = read_programs(str(path), device)
+    contents = read(str(path), device)
+    header, n = contents.header, len(contents.header["programs"])
     log.info(
-        "torchtrt_ext: %s read in %.1f s; compiling %d graph(s)%s",
+        "torchtrt_ext: %s read in %.1f s; %d graph(s), %d with compiled code%s",
         path,
         time.perf_counter() - start,
-        len(eps),
-        " from Inductor's cached artifacts" if header.get("inductor_cache") else " (no cached artifacts: a full compile)",
+        n,
+        sum(contents.artifact(i) is not None for i in range(n)),
+        " (the rest compile from Inductor's cached artifacts)" if header.get("inductor_cache") else "",
     )
-    module = eps[0].module()
+    contents.load_inductor_cache()
+    module = contents.program(0).module()  # the model's structure, holding the file's tensors
     compiled = CompiledModule(module, Settings(**header["settings"]))
     compiled._forward_signature = _signature(header.get("forward_parameters"), compiled._forward_signature)
-    for ep in eps:
-        compiled._variants.append(compiled._variant_from_export(ep, ep.call_spec.in_spec))
+    for i in range(n):
+        compiled._variants.append(compiled._variant_from_file(contents, i, None))
     compiled._weights_missing = not header["weights_included"]
     log.info(
         "torchtrt_ext: loaded %s in %.1f s%s",
@@ -186,14 +200,67 @@ def read_programs(
     path: str, device: str | torch.device | None = None, own: dict[str, torch.Tensor] | None = None
 ) -> tuple[dict, list]:
     """The file's header and its exported programs, their weights read onto the device (or, for the
-    names in `own`, those tensors: the engine cache binds the live model's), Inductor's artifacts
-    loaded into its caches. Raises EngineFileError, having returned nothing, on any fault."""
+    names in `own`, those tensors), Inductor's artifacts loaded into its caches. Raises
+    EngineFileError, having returned nothing, on any fault."""
+    contents = read(path, device, own)
+    contents.load_inductor_cache()
+    return contents.header, [contents.program(i) for i in range(len(contents.header["programs"]))]
+
+
+class Contents:
+    """A checked engine file in memory: its header, every tensor by name (on the device), every blob."""
+
+    def __init__(self, path: str, header: dict, values: dict[str, torch.Tensor], blobs: dict[str, bytes]):
+        self.path = path
+        self.header = header
+        self.values = values  # each tensor name (tied names too) -> its tensor
+        self._blobs = blobs  # region name -> bytes
+        self._programs: dict[int, torch.export.ExportedProgram] = {}
+
+    def load_inductor_cache(self) -> None:
+        """Put Inductor's cache artifacts (autotuning results, compiled graphs) into its caches."""
+        cache = self.header["inductor_cache"]
+        if cache:
+            torch.compiler.load_cache_artifacts(self._blobs.pop(cache["name"]))
+
+    def program(self, index: int) -> torch.export.ExportedProgram:
+        """Graph `index` as an ExportedProgram (torch.export.load, once) holding the file's tensors."""
+        if index in self._programs:
+            return self._programs[index]
+        entry = self.header["programs"][index]
+        try:
+            ep = torch.export.load(io.BytesIO(self._blobs[entry["name"]]))
+        except Exception as exc:
+            raise EngineFileError(f"{self.path}: {entry['name']} could not be read ({exc})") from None
+        ep._state_dict = {k: _as_saved(v, self.values[k]) for k, v in ep.state_dict.items()}
+        ep._constants = {k: self.values.get(k, v) for k, v in ep.constants.items()}
+        self._programs[index] = ep
+        return ep
+
+    def artifact(self, index: int) -> tuple[bytes, dict] | None:
+        """Graph `index`'s compiled code saved whole and what binds it (wrapper._Variant.binding), or
+        None where the file has none for it (written without cache_dir, or Inductor could not save it)."""
+        entry = (self.header.get("artifacts") or [None] * (index + 1))[index]
+        return None if entry is None else (self._blobs[entry["name"]], entry["binding"])
+
+
+def read(path: str, device: str | torch.device | None = None, own: dict[str, torch.Tensor] | None = None) -> Contents:
+    """Read and check a whole file: the weights onto the device (for the names in `own`, those tensors
+    instead: the engine cache binds the live model's), the blobs into host memory. Raises
+    EngineFileError, having returned nothing, on any fault."""
     with EngineFile(path) as f:
         try:
             header = f.header
             saved = header["device"]
             Settings(**header["settings"])
             tensors, programs, cache = header["tensors"], header["programs"], header["inductor_cache"]
+            code = header.get("artifacts") or []  # absent from files of earlier versions
+            if len(code) not in (0, len(programs)) or any(not isinstance(a["binding"], dict) for a in code if a is not None):
+                raise ValueError("artifacts do not match the programs")
+            blobs = programs + [a for a in code if a is not None] + ([cache] if cache else [])
+            names = [entry["name"] for entry in blobs]
+            if len(set(names)) != len(names):
+                raise ValueError("two blobs share a name")
             header["weights_included"]  # noqa: B018  (must be present)
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineFileError(f"{path}: the header is missing or has a bad field ({exc}) (corrupt file)") from None
@@ -201,7 +268,7 @@ def read_programs(
         # Blobs (small, on the host) and the weights (straight to the device), read and checked together.
         jobs = []
         hosts = []
-        for entry in programs + ([cache] if cache else []):
+        for entry in blobs:
             hosts.append(torch.empty(entry["padded"], dtype=torch.uint8))
             jobs.append((entry, hosts[-1]))
         values: dict[str, torch.Tensor] = {}
@@ -230,21 +297,10 @@ def read_programs(
         if any(into.device.type == "cuda" for _, into in jobs):  # a stripped entry has none: no pinning
             staging = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_BUFFERS)]
         f.read_regions(jobs, staging)
-        blobs = [bytes(engine_file.host_view(host)[: entry["nbytes"]]) for host, (entry, _) in zip(hosts, jobs)]
+        data = {entry["name"]: bytes(engine_file.host_view(host)[: entry["nbytes"]]) for host, entry in zip(hosts, blobs)}
         if target.type == "cuda":
             torch.cuda.synchronize(target)
-    if cache:
-        torch.compiler.load_cache_artifacts(blobs[-1])
-    eps = []
-    for blob, entry in zip(blobs, programs):
-        try:
-            ep = torch.export.load(io.BytesIO(blob))
-        except Exception as exc:
-            raise EngineFileError(f"{path}: {entry['name']} could not be read ({exc})") from None
-        ep._state_dict = {k: _as_saved(v, values[k]) for k, v in ep.state_dict.items()}
-        ep._constants = {k: values.get(k, v) for k, v in ep.constants.items()}
-        eps.append(ep)
-    return header, eps
+    return Contents(path, header, values, data)
 
 
 def _signature(saved: Any, fallback: inspect_module.Signature) -> inspect_module.Signature:
@@ -305,7 +361,8 @@ def inspect(path: str) -> str:
             + _describe(h["device"]),
             f"  model {h['model']}; weights {'included' if h['weights_included'] else 'stripped'}",
             "  settings: " + ", ".join(f"{k}={v!r}" for k, v in sorted(h["settings"].items())),
-            f"  {len(h['programs'])} graph(s); Inductor cache {'included' if h['inductor_cache'] else 'absent'}",
+            f"  {len(h['programs'])} graph(s), {sum(a is not None for a in h.get('artifacts') or [])} with compiled code; "
+            f"Inductor cache {'included' if h['inductor_cache'] else 'absent'}",
             f"  {len(h['tensors'])} tensors:",
         ]
         total = 0

@@ -10,7 +10,7 @@ state_dict name), and which placeholders are the caller's inputs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -29,7 +29,7 @@ class WeightSlot:
 
 @dataclasses.dataclass
 class LiftedGraph:
-    gm: torch.fx.GraphModule
+    gm: torch.fx.GraphModule | None  # None when bound to code compiled before (an engine cache entry)
     example_args: list[Any]  # one per placeholder, real or fake, for compilation
     weights: list[WeightSlot]
     input_positions: list[int]  # placeholders fed by the caller, in call order
@@ -37,6 +37,36 @@ class LiftedGraph:
     @property
     def num_placeholders(self) -> int:
         return len(self.example_args)
+
+    def describe(self) -> dict:
+        """Where each weight and input goes, as JSON data (no tensors): what binds code compiled for
+        this graph to a model's tensors again (``bind``)."""
+        return {
+            "placeholders": self.num_placeholders,
+            "inputs": list(self.input_positions),
+            "weights": [[w.position, w.name, list(w.aliases), w.in_state_dict] for w in self.weights],
+        }
+
+
+def bind(description: dict, tensors: Mapping[str, torch.Tensor], inputs: Sequence[Any]) -> LiftedGraph:
+    """The LiftedGraph that `description` (from LiftedGraph.describe) gives with these weights (by
+    name) and example inputs (a call's flattened inputs), without its graph. Raises KeyError or
+    TorchTRTExtError where they do not fit."""
+    n = int(description["placeholders"])
+    positions = [int(i) for i in description["inputs"]]
+    weights = [
+        WeightSlot(int(position), name, tensors[name], bool(in_state_dict), tuple(aliases))
+        for position, name, aliases, in_state_dict in description["weights"]
+    ]
+    taken = sorted(positions + [w.position for w in weights])
+    if taken != list(range(n)) or len(positions) != len(inputs):
+        raise TorchTRTExtError(f"a graph description of {n} placeholders does not fit {len(inputs)} inputs")
+    example_args: list[Any] = [None] * n
+    for w in weights:
+        example_args[w.position] = w.tensor
+    for position, value in zip(positions, inputs):
+        example_args[position] = value
+    return LiftedGraph(None, example_args, weights, positions)
 
 
 def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

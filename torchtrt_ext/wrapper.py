@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -25,7 +25,7 @@ from . import engine_cache, lifting, registry
 from .backend import torchtrt_ext_backend
 from .engines import Engine, build_engine, resolve_kind
 from ._runtime import WeightWatch
-from .errors import InputError, RefitError, TorchTRTExtError
+from .errors import EngineFileError, InputError, RefitError, TorchTRTExtError
 from .refit import weight_mismatch
 from .settings import Settings
 from .signature import InputSignature
@@ -44,13 +44,49 @@ class _Variant:
         signature: InputSignature,
         out_spec: pytree.TreeSpec,
         updates: Sequence[torch.Tensor | int],
+        description: dict,
     ):
         self.engine = engine
         self.signature = signature
         self.out_spec = out_spec
         self._updates = list(updates)  # per leading graph output: a model buffer, or a caller-input index
-        self.exported: torch.export.ExportedProgram | None = None  # the graph it was built from
+        # JSON: where the weights and inputs go (LiftedGraph.describe) and what the updates are (a
+        # buffer's name, or a caller-input index): with the signature and out_spec, all that binds the
+        # engine's compiled code to a model again (binding()).
+        self._description = description
+        self._exported: torch.export.ExportedProgram | None = None  # the graph it was built from
+        self._read_exported: Callable[[], torch.export.ExportedProgram] | None = None  # or how to get it
         self.from_cache = False  # built from an engine cache entry
+
+    @property
+    def exported(self) -> torch.export.ExportedProgram | None:
+        """The graph (save needs it); read from the engine file it came from, the first time, where the
+        variant was built from compiled code alone."""
+        if self._exported is None and self._read_exported is not None:
+            self._exported = self._read_exported()
+            self._read_exported = None
+        return self._exported
+
+    @exported.setter
+    def exported(self, ep: torch.export.ExportedProgram | None) -> None:
+        self._exported = ep
+
+    def binding(self) -> dict | None:
+        """What an engine file holds with the compiled code (JSON), checked to read back; None, with a
+        warning, where something cannot be written down (an input or output structure of a type
+        without a serialized name, say): the file then holds the graph alone."""
+        try:
+            binding = {
+                **self._description,
+                "signature": self.signature.to_json(),
+                "out_spec": pytree.treespec_dumps(self.out_spec),
+            }
+            InputSignature.from_json(binding["signature"])
+            pytree.treespec_loads(binding["out_spec"])
+        except Exception as exc:
+            log.warning("torchtrt_ext: the compiled code is not kept in the engine file (%s)", _first_line(exc))
+            return None
+        return binding
 
     def __call__(self, flat: Sequence[Any]) -> Any:
         outputs = self.engine(*flat)
@@ -226,7 +262,7 @@ class CompiledModule(torch.nn.Module):
             )
             self._use_dynamo()
             return None
-        variant = self._variant_from_export(ep, spec, flat)
+        variant = self._variant_from_export(ep, spec, flat, keep_artifact=digest is not None)
         if digest is not None:
             if not variant._updates:  # one run first: Inductor's autotuning results then travel in the entry
                 with torch.no_grad():
@@ -243,21 +279,75 @@ class CompiledModule(torch.nn.Module):
         return variant
 
     def _variant_from_export(
-        self, ep: torch.export.ExportedProgram, spec: pytree.TreeSpec, flat: Sequence[Any] | None = None
+        self,
+        ep: torch.export.ExportedProgram,
+        spec: pytree.TreeSpec,
+        flat: Sequence[Any] | None = None,
+        keep_artifact: bool = False,
     ) -> _Variant:
-        """Build the engine of one exported graph (also for graphs loaded from an engine file)."""
-        updates = self._updates(ep)
+        """Build the engine of one exported graph (also for graphs loaded from an engine file).
+        keep_artifact: compile so that the engine keeps its compiled code saved whole (engine cache)."""
         lifted = lifting.from_export(ep)
         if self.settings.weight_streaming and flat is not None:  # captured where the model is; compiled for the inputs' device
             for position, leaf in zip(lifted.input_positions, flat):
                 if isinstance(leaf, torch.Tensor):
                     lifted.example_args[position] = leaf
-        engine = build_engine(lifted, self.settings)
-        registry.add(engine, [w.tensor for w in lifted.weights])
         signature = InputSignature(spec, [lifted.example_args[i] for i in lifted.input_positions], ep.range_constraints)
-        variant = _Variant(engine, signature, ep.call_spec.out_spec, updates)
+        variant = self._make_variant(lifted, signature, ep.call_spec.out_spec, self._updates(ep), keep_artifact=keep_artifact)
         variant.exported = ep
         return variant
+
+    def _variant_from_file(
+        self, contents: Any, index: int, spec: pytree.TreeSpec | None, flat: Sequence[Any] | None = None
+    ) -> _Variant:
+        """Variant `index` of an engine file (files.Contents): from its compiled code where the file
+        holds it (no torch.export.load, nothing traced or compiled; the graph is read only if save
+        needs it), else from its graph. flat: the call it is for (the engine cache), else None."""
+        found = contents.artifact(index)
+        if found is None:
+            ep = contents.program(index)
+            return self._variant_from_export(ep, ep.call_spec.in_spec if spec is None else spec, flat)
+        artifact, binding = found
+        try:
+            signature = InputSignature.from_json(binding["signature"])
+            out_spec = pytree.treespec_loads(binding["out_spec"])
+            if flat is None:  # loading a file: the signature tells the devices of the inputs
+                flat = signature.placeholders()
+            else:
+                problem = signature.mismatch(spec, flat)
+                if problem is not None:
+                    raise EngineFileError(f"compiled for other inputs ({problem})")
+            lifted = lifting.bind(binding["lifted"], {**contents.values, **self._own_tensors()}, flat)
+            updates = [u if isinstance(u, int) else str(u) for u in binding["updates"]]
+            for u in updates:
+                if isinstance(u, str):
+                    self.original.get_buffer(u)  # the model has it
+        except (KeyError, TypeError, ValueError, AttributeError, TorchTRTExtError) as exc:
+            raise EngineFileError(f"{contents.path}: the binding of graph {index} does not fit ({_first_line(exc)})") from None
+        variant = self._make_variant(lifted, signature, out_spec, updates, artifact=artifact)
+        variant._read_exported = functools.partial(contents.program, index)
+        return variant
+
+    def _make_variant(
+        self,
+        lifted: lifting.LiftedGraph,
+        signature: InputSignature,
+        out_spec: pytree.TreeSpec,
+        updates: Sequence[str | int],
+        artifact: bytes | None = None,
+        keep_artifact: bool = False,
+    ) -> _Variant:
+        engine = build_engine(lifted, self.settings, artifact, keep_artifact)
+        registry.add(engine, [w.tensor for w in lifted.weights])
+        resolved = [self.original.get_buffer(u) if isinstance(u, str) else int(u) for u in updates]
+        return _Variant(engine, signature, out_spec, resolved, {"lifted": lifted.describe(), "updates": list(updates)})
+
+    def _own_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's parameters and buffers by every name (tied ones under each)."""
+        return {
+            **dict(self.original.named_parameters(remove_duplicate=False)),
+            **dict(self.original.named_buffers(remove_duplicate=False)),
+        }
 
     def _variant_from_cache(self, digest: str, spec: pytree.TreeSpec, flat: Sequence[Any]) -> _Variant | None:
         from . import files
@@ -265,15 +355,19 @@ class CompiledModule(torch.nn.Module):
         path = engine_cache.entry_path(self.settings.cache_dir, digest)
         if not os.path.isfile(path):
             return None
-        own = {**dict(self.original.named_parameters(remove_duplicate=False)), **dict(self.original.named_buffers(remove_duplicate=False))}
         try:
-            _, eps = files.read_programs(path, own=own)
-            variant = self._variant_from_export(eps[0], spec, flat)
+            contents = files.read(path, own=self._own_tensors())
+            contents.load_inductor_cache()  # autotuning results (and the graph's caches, for an entry without compiled code)
+            variant = self._variant_from_file(contents, 0, spec, flat)
         except Exception as exc:  # a bad entry costs a recompile, never a wrong engine
             log.warning("torchtrt_ext: engine cache entry %s not used (%s); compiling", path, _first_line(exc))
             return None
         variant.from_cache = True
-        log.info("torchtrt_ext: engine cache hit %s", path)
+        log.info(
+            "torchtrt_ext: engine cache hit %s (%s)",
+            path,
+            "compiled code loaded" if variant.engine.artifact is not None else "its graph compiled again",
+        )
         return variant
 
     def _store_in_cache(self, digest: str, variant: _Variant) -> None:
@@ -308,15 +402,15 @@ class CompiledModule(torch.nn.Module):
             dynamic = dims.dynamic_shapes(self.original, args, kwargs)
         return torch.export.export(self.original, args, kwargs, dynamic_shapes=dynamic, strict=False)
 
-    def _updates(self, ep: torch.export.ExportedProgram) -> list[torch.Tensor | int]:
-        """What the graph writes back, in output order: a model buffer, or the index of a caller input."""
+    def _updates(self, ep: torch.export.ExportedProgram) -> list[str | int]:
+        """What the graph writes back, in output order: a model buffer's name, or a caller input's index."""
         from torch.export.graph_signature import InputKind, OutputKind
 
         user_inputs = [spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
-        updates: list[torch.Tensor | int] = []
+        updates: list[str | int] = []
         for spec in ep.graph_signature.output_specs:
             if spec.kind == OutputKind.BUFFER_MUTATION:
-                updates.append(self.original.get_buffer(spec.target))
+                updates.append(spec.target)
             elif spec.kind == OutputKind.USER_INPUT_MUTATION:
                 updates.append(user_inputs.index(spec.target))
             elif spec.kind != OutputKind.USER_OUTPUT:

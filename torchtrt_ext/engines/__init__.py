@@ -43,8 +43,9 @@ def _say_once(message: str) -> None:
         log.info(message)
 
 
-def build_engine(lifted: LiftedGraph, settings: Settings) -> Engine:
+def build_engine(lifted: LiftedGraph, settings: Settings, artifact: bytes | None = None, keep_artifact: bool = False) -> Engine:
+    """artifact / keep_artifact: see BuiltinEngine (the engine cache's compiled code, saved whole)."""
     kind = resolve_kind(settings)
     if kind == "builtin":
-        return BuiltinEngine(lifted, settings)
+        return BuiltinEngine(lifted, settings, artifact, keep_artifact)
     raise EngineUnavailableError(f"engine kind {kind!r} is not available")  # pragma: no cover

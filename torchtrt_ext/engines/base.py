@@ -42,6 +42,9 @@ class MemoryUse:
 
 class Engine(abc.ABC):
     kind: ClassVar[str]
+    # The compiled code saved whole, for the engine cache (bytes), where the engine was built to keep
+    # it or from it; else None.
+    artifact: bytes | None = None
 
     def __init__(self, device: torch.device, settings: Settings, max_slots: int = DEFAULT_MAX_SLOTS):
         self.device = device

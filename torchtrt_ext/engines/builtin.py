@@ -8,6 +8,8 @@ of the model's own tensors: the engine adds no copy of the weights to device mem
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
@@ -59,19 +61,66 @@ def _streaming_device(lifted: LiftedGraph) -> torch.device:
     return device
 
 
-def _compile(lifted: LiftedGraph) -> Any:
+_CONFIG_PATCHES = {"triton.cudagraphs": False}
+
+
+def _compile(lifted: LiftedGraph, keep_artifact: bool = False) -> Any:
     """Inductor-compile the graph with the weights as inputs. CUDA-graph mode is the runtime's (it
-    captures and replays the compiled code), not Inductor's."""
+    captures and replays the compiled code), not Inductor's.
+
+    keep_artifact (the engine cache): compile through torch._inductor.standalone_compile, whose result
+    also saves whole (a CompiledArtifact). It runs compile_fx on the same graph and example inputs
+    (their fake mode, symbolic sizes included, made the tracing context's, which is where compile_fx
+    looks first) with the same Inductor config: its own triton.autotune_at_compile_time=True (which
+    runs the Triton kernels at compile time on random inputs) is set back to the ambient value by the
+    config patches, which compile_fx applies inside it. What it adds is a recorder of the cache
+    artifacts the compile writes, which save() serializes."""
+    from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
     with torch.no_grad():
-        return compile_fx(lifted.gm, lifted.example_args, config_patches={"triton.cudagraphs": False})
+        if not keep_artifact:
+            return compile_fx(lifted.gm, lifted.example_args, config_patches=_CONFIG_PATCHES)
+        from torch._guards import TracingContext, detect_fake_mode, tracing
+        from torch._inductor import standalone_compile
+
+        patches = {**_CONFIG_PATCHES, "triton.autotune_at_compile_time": config.triton.autotune_at_compile_time}
+        with tracing(TracingContext(detect_fake_mode(lifted.example_args))):  # export's fake tensors
+            return standalone_compile(
+                lifted.gm, lifted.example_args, dynamic_shapes="from_tracing_context", options={"config_patches": patches}
+            )
+
+
+def _artifact_bytes(artifact: Any) -> bytes:
+    """A CompiledArtifact in its binary format (the format is the file's; save takes a path only)."""
+    with tempfile.TemporaryDirectory(prefix="torchtrt_ext-") as folder:
+        path = os.path.join(folder, "artifact.bin")
+        artifact.save(path=path, format="binary")
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _load_artifact(data: bytes) -> Any:
+    """The compiled code in `data` (from _artifact_bytes), Inductor's caches filled from it; nothing
+    is traced or compiled. Raises where it cannot load (another torch, a missing cache entry)."""
+    from torch._inductor import CompiledArtifact
+
+    with tempfile.TemporaryDirectory(prefix="torchtrt_ext-") as folder:
+        path = os.path.join(folder, "artifact.bin")
+        with open(path, "wb") as f:
+            f.write(data)
+        return CompiledArtifact.load(path=path, format="binary")
 
 
 class BuiltinEngine(Engine):
     kind = "builtin"
 
-    def __init__(self, lifted: LiftedGraph, settings: Settings):
+    def __init__(self, lifted: LiftedGraph, settings: Settings, artifact: bytes | None = None, keep_artifact: bool = False):
+        """artifact: compiled code saved whole (Engine.artifact of an engine built before, from an
+        engine cache entry): loaded and run; lifted.gm may then be None. keep_artifact: compile so that
+        self.artifact holds the code saved whole (None, with a warning, where Inductor cannot save it)."""
+        if settings.weight_streaming and (artifact is not None or keep_artifact):
+            raise TorchTRTExtError("weight-streaming engines are compiled per segment; they have no compiled artifact")
         device = _streaming_device(lifted) if settings.weight_streaming else engine_device(lifted)
         if settings.cuda_graphs and device.type != "cuda":
             raise TorchTRTExtError(f"cuda_graphs=True needs a CUDA engine, but this one runs on {device}")
@@ -103,16 +152,23 @@ class BuiltinEngine(Engine):
             self.compile_seconds = time.perf_counter() - start
             self._streamed.place(parse_budget(settings.weight_streaming_budget, self._streamed.total_bytes, device))
         else:
-            self._compiled = _compile(lifted)
+            if artifact is not None:
+                self._compiled = _load_artifact(artifact)
+                self.artifact = artifact
+            else:
+                self._compiled = _compile(lifted, keep_artifact)
+                if keep_artifact:
+                    self.artifact = _saved_whole(self._compiled)
             self.compile_seconds = time.perf_counter() - start
             self._bind(fence=False)
         mem = self.memory()
         log.info(
-            "torchtrt_ext: built-in engine on %s: %d weights, %.1f MiB (%s), Inductor compile %.1f s",
+            "torchtrt_ext: built-in engine on %s: %d weights, %.1f MiB (%s), %s %.1f s",
             device,
             len(self._table),
             mem.weight_bytes / 2**20,
             "shared with the model, no copy" if mem.owned_bytes == 0 else f"{mem.owned_bytes / 2**20:.1f} MiB copied",
+            "compiled code loaded in" if artifact is not None else "Inductor compile",
             self.compile_seconds,
         )
 
@@ -238,6 +294,15 @@ class BuiltinEngine(Engine):
             resident, ring = self._streamed.memory()
             return MemoryUse(self.device, resident + ring, 0)
         return weight_memory(self.device, self._table + (self._spare or []), self._model_tensors)
+
+
+def _saved_whole(compiled: Any) -> bytes | None:
+    try:
+        return _artifact_bytes(compiled)
+    except Exception as exc:  # a graph AOTAutograd's cache refuses, caches disabled: say why
+        log.warning("torchtrt_ext: Inductor could not save the compiled code whole (%s: %s); an engine cache hit "
+                    "will compile the graph again", type(exc).__name__, str(exc).strip()[:300])
+        return None
 
 
 def _prepare(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
