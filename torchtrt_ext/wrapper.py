@@ -60,8 +60,8 @@ class _Variant:
 
     @property
     def exported(self) -> torch.export.ExportedProgram | None:
-        """The graph (save needs it); read from the engine file it came from, the first time, where the
-        variant was built from compiled code alone."""
+        """The graph (save needs it). A variant built from compiled code alone deserializes it the first
+        time (torch.export.load of the graph bytes read with the engine file, kept in memory)."""
         if self._exported is None and self._read_exported is not None:
             self._exported = self._read_exported()
             self._read_exported = None
