@@ -44,8 +44,8 @@ def _extension():
     if _want_cuda():
         return CUDAExtension(
             "torchtrt_ext._C",
-            sources,
-            depends=depends,
+            [*sources, "csrc/batched_copy.cu"],  # its kernel needs nvcc: the CPU build has a stub in runtime.cpp
+            depends=[*depends, "csrc/batched_copy.h"],
             define_macros=[("TORCHTRT_EXT_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
         )

@@ -159,12 +159,22 @@ cache = sys.argv[1]
 model = LogitsOnly(llama(torch.device("cuda"), torch.float16))
 ids = torch.randint(0, 32000, (1, 128), device="cuda")
 torch.cuda.synchronize()
+profile = None
+if len(sys.argv) > 2:  # a profiled run: where a cache hit spends its time, by function (printed to stderr)
+    import cProfile, pstats
+    profile = cProfile.Profile()
+    profile.enable()
 start = time.perf_counter()
 compiled = torchtrt_ext.compile(model, (ids,), dynamic_batch=False, cache_dir=cache)
 called = time.perf_counter()
 compiled(ids)
 torch.cuda.synchronize()
 spent["first call"] = time.perf_counter() - called
+if profile is not None:
+    profile.disable()
+    stats = pstats.Stats(profile, stream=sys.stderr)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(30)
 seen = {k: dict(v) for k, v in counters.items() if k in ("aot_autograd", "inductor")}
 print(json.dumps({"seconds": time.perf_counter() - start, "hit": compiled._variants[0].from_cache,
                   "compiled_code": compiled._variants[0].engine.artifact is not None,
@@ -201,4 +211,21 @@ def _cache_rows(quick: bool) -> list[dict]:
                      "breakdown": result["breakdown"], "aot_cache": result["aot_cache"], "fx_cache": result["fx_cache"]})
         print(rows[-1], flush=True)
     rows.append({"method": "engine cache: second / first", "seconds": round(times[1] / times[0], 3)})
+    # Diagnostic: a second hit with Inductor's compile workers off (no worker pool to start).
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, "inductor2b"),
+           "TRITON_CACHE_DIR": os.path.join(folder, "triton2b"), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _CACHE_PROBE, os.path.join(folder, "engines")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode == 0:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({"method": "engine cache, process 2 again, compile threads 1", "seconds": round(result["seconds"], 2),
+                     "cache_hit": result["hit"], "compiled_code": result["compiled_code"], "breakdown": result["breakdown"]})
+        print(rows[-1], flush=True)
+    # A third process, profiled (cProfile slows it: not timed here), says where a hit's time goes.
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, "inductor3"),
+           "TRITON_CACHE_DIR": os.path.join(folder, "triton3")}
+    done = subprocess.run([sys.executable, "-c", _CACHE_PROBE, os.path.join(folder, "engines"), "profile"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    print("--- engine cache, process 3 (profiled, cProfile):", done.stdout.strip()[-500:], flush=True)
+    print(done.stderr[-40000:], flush=True)
     return rows

@@ -35,6 +35,8 @@
 #ifdef TORCHTRT_EXT_WITH_CUDA
 #include <ATen/cuda/MemPool.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+
+#include "batched_copy.h"
 #endif
 
 namespace py = pybind11;
@@ -745,6 +747,22 @@ void copy_async(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor
 #endif
 }
 
+// batched_copy.cu's batched_copy (every pair in one kernel launch on the current stream), with the GIL
+// released while it checks and enqueues. The CPU build has the same entry point: it checks the lengths
+// and refuses any pair.
+void batched_copy_unlocked(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src) {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+  py::gil_scoped_release no_gil;
+  torchtrt_ext::batched_copy(dst, src);
+#else
+  if (dst.size() != src.size()) {
+    throw std::invalid_argument("batched_copy: dst and src differ in length (" + std::to_string(dst.size()) +
+                                " and " + std::to_string(src.size()) + " tensors)");
+  }
+  if (!dst.empty()) throw std::invalid_argument("batched_copy: this build has no CUDA");
+#endif
+}
+
 // A new non-blocking stream on `device`, owned by the caller for the life of the process (wrapped in
 // Python with torch.cuda.ExternalStream): unlike torch's pool streams, no other code enqueues on it.
 int64_t create_stream(int64_t device) {
@@ -781,6 +799,11 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("copy_async", &torchtrt_ext::copy_async, py::arg("dst"), py::arg("src"),
         "cudaMemcpyAsync of contiguous tensor pairs (device or pinned host source) on the current stream.");
+  m.def("batched_copy", &torchtrt_ext::batched_copy_unlocked, py::arg("dst"), py::arg("src"),
+        "Copy src[i] into dst[i] for every pair in ONE kernel launch on the current stream of the destinations' "
+        "device: contiguous pairs of one dtype and size, all on one CUDA device (pairs not 16-byte aligned "
+        "are a cudaMemcpyAsync each). Every pair is checked before anything is enqueued; no host-device "
+        "synchronisation (CUDA-graph capturable); the GIL is released.");
   m.def("create_stream", &torchtrt_ext::create_stream, py::arg("device"),
         "A new non-blocking CUDA stream (its handle), never shared with torch's stream pool.");
   m.def("built_with_cuda", &torchtrt_ext::built_with_cuda,

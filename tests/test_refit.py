@@ -353,13 +353,14 @@ def test_double_buffer_out_of_device_memory_leaves_the_engine_unchanged():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("runtime_memcpy", [False, True])
-def test_refit_of_large_and_small_cuda_weights_by_either_copy_path(runtime_memcpy, monkeypatch):
-    """Weights above and below the fused-copy threshold, from CUDA sources, fp16 into fp16 and fp32
-    into fp16 (converted by the copy): equal to a fresh compile with the new weights."""
+@pytest.mark.parametrize("batched_copy", [True, False])
+def test_refit_of_large_and_small_cuda_weights_by_either_copy_path(batched_copy, monkeypatch):
+    """Weights above and below the fused-copy threshold, from CUDA sources, fp16 into fp16 (one batched
+    kernel, or multi-tensor and plain copies) and fp32 into fp16 (converted by copy_): equal to a fresh
+    compile with the new weights."""
     from torchtrt_ext.engines import builtin
 
-    monkeypatch.setattr(builtin, "_RUNTIME_MEMCPY", runtime_memcpy)
+    monkeypatch.setattr(builtin, "_BATCHED_COPY", batched_copy)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 64)).cuda().half().eval()
     x = torch.randn(8, 1024, device="cuda", dtype=torch.float16)
@@ -387,6 +388,142 @@ def test_runtime_device_copies_match_and_check_every_pair_first():
     with pytest.raises(ValueError, match="pair 1 is not two contiguous tensors of one dtype and size"):
         _C.copy_async(dst, [src[0] * 2, src[1].t()])
     assert all(torch.equal(d, b) for d, b in zip(dst, before))  # nothing copied
+
+
+def _nonzero(numel, dtype, device="cuda"):
+    """Random values, none of them zero (a copy that writes nothing or zeros cannot pass)."""
+    if dtype.is_floating_point:
+        return (torch.rand(numel, device=device) + 0.5).to(dtype)  # [0.5, 1.5): no zero in fp16/bf16 either
+    return torch.randint(1, 127, (numel,), device=device, dtype=dtype)
+
+
+# (dtype, elements): 1 element, 7 bytes, 16 bytes, 65537 bytes, 64 KiB exactly, 3 MiB + 5 bytes, 2 MiB +
+# 6 bytes in fp16 (several tiles, a tail), no bytes at all.
+_BATCHED_CASES = [
+    (torch.float32, 1),
+    (torch.int8, 7),
+    (torch.float16, 8),
+    (torch.int8, 65537),
+    (torch.bfloat16, 32768),
+    (torch.int8, 3 * 2**20 + 5),
+    (torch.float16, 2**20 + 3),
+    (torch.float32, 0),
+]
+
+
+def _batched_pairs():
+    """Destinations pre-filled with other random values, plus sliced destinations whose base tensors
+    (returned with the slice bounds) must keep every byte around the slice: at a 2-element (8-byte)
+    offset, so not 16-byte aligned (a memcpy); at a 16-byte offset with a 1-byte tail (the kernel, which
+    must not write past it); whole, from a source at a 3-byte offset (a memcpy); at a 2-element fp16
+    offset (4 bytes, a memcpy)."""
+    torch.manual_seed(0)
+    src = [_nonzero(n, dtype) for dtype, n in _BATCHED_CASES]
+    dst = [_nonzero(n, dtype) for dtype, n in _BATCHED_CASES]
+    bases = []
+    for dtype, offset, n, src_offset in [
+        (torch.float32, 2, 1000, 0),
+        (torch.int8, 16, 65537, 0),
+        (torch.int8, 0, 1000, 3),
+        (torch.float16, 2, 4099, 2),
+    ]:
+        base = _nonzero(offset + n + 64, dtype)
+        dst.append(base[offset : offset + n])
+        src.append(_nonzero(src_offset + n, dtype)[src_offset:])
+        bases.append((base, base.clone(), offset, offset + n))
+    return dst, src, bases
+
+
+def _assert_copied(dst, src, bases):
+    for i, (d, s) in enumerate(zip(dst, src)):
+        assert torch.equal(d, s), f"pair {i} ({s.dtype}, {s.numel()} elements) differs from its source"
+    for base, before, start, end in bases:
+        assert torch.equal(base[:start], before[:start]) and torch.equal(base[end:], before[end:]), "bytes around a slice changed"
+
+
+@pytest.mark.cuda
+def test_batched_copy_copies_every_pair_exactly_in_one_call():
+    from torchtrt_ext._runtime import _C
+
+    dst, src, bases = _batched_pairs()
+    assert [(d.data_ptr() % 16, s.data_ptr() % 16) for d, s in zip(dst[-4:], src[-4:])] == [(8, 0), (0, 0), (0, 3), (4, 4)]
+    assert all(not torch.equal(d, s) for d, s in zip(dst, src) if d.numel())
+    torch.cuda.synchronize()
+    _C.batched_copy(dst, src)
+    torch.cuda.synchronize()
+    _assert_copied(dst, src, bases)
+    _C.batched_copy([], [])  # nothing to do
+
+
+@pytest.mark.cuda
+def test_batched_copy_runs_on_the_current_stream():
+    """The sources are written on a side stream after a long wait there: only a copy ordered on that
+    stream (not on the default one, which is idle) reads the new values."""
+    from torchtrt_ext._runtime import _C
+
+    dst, values, bases = _batched_pairs()
+    src = [torch.empty_like(v).copy_(-v) for v in values]  # stale values until the side stream writes them
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds: the default stream would long be done
+        for s, v in zip(src, values):
+            s.copy_(v)
+        _C.batched_copy(dst, src)
+        assert not side.query()  # enqueued without waiting for the device
+    side.synchronize()
+    _assert_copied(dst, values, bases)
+
+
+@pytest.mark.cuda
+def test_batched_copy_checks_every_pair_before_copying():
+    from torchtrt_ext._runtime import _C
+
+    src = [torch.randn(1000, device="cuda") + 5, torch.randn(3, 5, device="cuda", dtype=torch.float16) + 5]
+    dst = [torch.zeros_like(t) for t in src]
+    faults = {
+        "pair 1 has a source that is not contiguous": [src[0], src[1].t().contiguous().t()],
+        r"pair 1 has dtypes that differ \(destination Half, source Float\)": [src[0], src[1].float()],
+        r"pair 1 has sizes that differ \(15 elements in the destination, 14 in the source\)": [src[0], src[1].flatten()[:14]],
+        "pair 1 has its source on cpu and its destination on cuda:0": [src[0], src[1].cpu()],
+    }
+    for message, sources in faults.items():
+        with pytest.raises(ValueError, match=message):
+            _C.batched_copy(dst, sources)
+    with pytest.raises(ValueError, match="pair 0 has a destination that is not contiguous"):
+        _C.batched_copy([torch.zeros(5, 3, device="cuda").t()], [torch.zeros(3, 5, device="cuda")])
+    with pytest.raises(ValueError, match="pair 0 has its destination on cpu, not on a CUDA device"):
+        _C.batched_copy([torch.zeros(2)], [torch.zeros(2)])
+    torch.cuda.synchronize()
+    assert all(not d.any() for d in dst)  # nothing copied, not even pair 0
+
+
+def test_batched_copy_refuses_lists_of_different_lengths():
+    from torchtrt_ext._runtime import _C
+
+    with pytest.raises(ValueError, match=r"batched_copy: dst and src differ in length \(2 and 1 tensors\)"):
+        _C.batched_copy([torch.zeros(2), torch.zeros(2)], [torch.zeros(2)])
+    _C.batched_copy([], [])  # nothing to copy: fine in every build
+
+
+def test_batched_copy_refuses_cpu_tensors():
+    from torchtrt_ext._runtime import _C, built_with_cuda
+
+    message = "pair 0 has its destination on cpu, not on a CUDA device" if built_with_cuda else "batched_copy: this build has no CUDA"
+    dst = torch.zeros(4)
+    with pytest.raises(ValueError, match=message):
+        _C.batched_copy([dst], [torch.ones(4)])
+    assert not dst.any()
+
+
+def test_copy_without_cuda_pairs_never_calls_the_batched_copy(monkeypatch):
+    """CPU pairs take copy_ whatever _BATCHED_COPY says (the CPU build's batched_copy would refuse them)."""
+    from torchtrt_ext.engines import builtin
+
+    monkeypatch.setattr(builtin, "_BATCHED_COPY", True)
+    dst, src = [torch.zeros(3), torch.zeros(2, 2)], [torch.arange(3.0), torch.ones(2, 2)]
+    builtin._copy(dst, src)
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
 
 
 def test_strict_refit_needs_the_state_dict_only_and_keeps_non_persistent_buffers():

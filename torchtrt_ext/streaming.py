@@ -100,6 +100,82 @@ def move_graph_to(gm: torch.fx.GraphModule, device: torch.device) -> None:
         gm.recompile()
 
 
+# Ops whose outputs live in memory whatever the cuts (Inductor runs them as library calls), and the
+# views and tuple items that only look into those outputs.
+_MATERIALISED = {
+    "mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "convolution", "_convolution", "conv1d", "conv2d",
+    "conv3d", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+}
+_VIEWS = {
+    "getitem", "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+    "slice", "select", "alias", "detach",
+}
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def _partition(gm: torch.fx.GraphModule, weight_nodes: dict[torch.fx.Node, int], sizes: list[int], segments: int) -> dict[torch.fx.Node, int]:
+    """Each compute node's segment, in execution order, each first-using about 1/segments of the weight
+    bytes. Values that cross a cut are written to memory, and Inductor cannot fuse across it; a cut in
+    the middle of a fused chain (between a residual add and the norm after it, say) costs kernel
+    launches on every call. So each cut goes, within half a share of its byte target, where the fewest
+    values that would otherwise stay in registers cross it (outputs of matmuls, convolutions and
+    attention are in memory anyway), nearest the target on a tie: between blocks, in a transformer."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    index = {n: i for i, n in enumerate(nodes)}
+    count = len(nodes)
+    in_memory: dict[torch.fx.Node, bool] = {}
+    cum = [0] * (count + 1)  # weight bytes first used by nodes[:c]
+    diff = [0] * (count + 2)
+    seen: set[int] = set()
+    for i, n in enumerate(nodes):
+        op = _op_name(n)
+        source = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        in_memory[n] = op in _MATERIALISED or (op in _VIEWS and source is not None and in_memory.get(source, False))
+        new = [weight_nodes[a] for a in n.all_input_nodes if a in weight_nodes and weight_nodes[a] not in seen]
+        seen.update(new)
+        cum[i + 1] = cum[i] + sum(sizes[w] for w in dict.fromkeys(new))
+        last = max((index.get(u, count) for u in n.users), default=i)
+        if last > i and not in_memory[n]:  # crosses every cut c with i < c <= last
+            diff[i + 1] += 1
+            diff[last + 1] -= 1
+    cost = [0] * (count + 1)
+    running = 0
+    for c in range(count + 1):
+        running += diff[c]
+        cost[c] = running
+    total = cum[count]
+    share = max(1, total // max(1, segments))
+    cuts: list[int] = []
+    base = 0  # weight bytes before the last cut
+    while base + share < total:
+        target, low = base + share, (cuts[-1] + 1 if cuts else 1)
+        inside = [c for c in range(low, count) if base < cum[c] < total and abs(cum[c] - target) <= share // 2]
+        if inside:
+            cut = min(inside, key=lambda c: (cost[c], abs(cum[c] - target), c))
+        else:  # one weight larger than the window (a big embedding, say): cut right after the target
+            after = [c for c in range(low, count) if target <= cum[c] < total]
+            if not after:
+                break
+            cut = after[0]
+        cuts.append(cut)
+        base = cum[cut]
+    part: dict[torch.fx.Node, int] = {}
+    seg = 0
+    for i, n in enumerate(nodes):
+        while seg < len(cuts) and i >= cuts[seg]:
+            seg += 1
+        part[n] = seg
+    return part
+
+
 @dataclasses.dataclass
 class _Segment:
     compiled: Callable[..., Any]
@@ -128,6 +204,9 @@ class _SlotState:
         self.version = -1
         self.ring: list[torch.Tensor] = []
         self.views: list[list[list[torch.Tensor]]] = []  # [ring][segment] -> device views
+        # Per segment, its arguments: the weight tensor to pass (resident copy or ring view), or the
+        # index of a value in the call's environment. Built once per placement, read on every call.
+        self.args: list[list[Any]] = []
 
 
 class StreamedProgram:
@@ -147,26 +226,9 @@ class StreamedProgram:
         self._weights = [w.tensor for w in lifted.weights]
         self.total_bytes = sum(_nbytes(t) for t in self._weights)
 
-        # 1. Cut points: a new segment when the current one has first-used its share of weight bytes.
-        share = max(1, self.total_bytes // max(1, segments))
-        part: dict[torch.fx.Node, int] = {}
-        seen: set[int] = set()
-        current, used = 0, 0
-        pos_of = {n: i for i, n in enumerate(placeholders)}
-        for node in gm.graph.nodes:
-            if node.op in ("placeholder", "output"):
-                continue
-            new = [
-                weight_of[pos_of[a]]
-                for a in node.all_input_nodes
-                if a in pos_of and pos_of[a] in weight_of and weight_of[pos_of[a]] not in seen
-            ]
-            if new and used >= share:
-                current, used = current + 1, 0
-            for w in new:
-                seen.add(w)
-                used += _nbytes(self._weights[w])
-            part[node] = current
+        # 1. Cut points (see _partition).
+        weight_nodes = {placeholders[p]: w for p, w in weight_of.items()}
+        part = _partition(gm, weight_nodes, [_nbytes(t) for t in self._weights], segments)
         split = split_module(gm, None, lambda n: part.get(n, 0), keep_original_order=True)
 
         # 2. A flat program over the split graph; each submodule compiled on its own.
@@ -294,7 +356,7 @@ class StreamedProgram:
     ) -> tuple[_Segment, Any]:
         """Compile one segment for its example inputs and run it once on them (uninitialised values:
         only the outputs' shapes and layouts matter, as examples for the segments after it)."""
-        from torch._inductor.compile_fx import compile_fx
+        from .inductor import compile_graph
 
         inputs = []
         for (kind, i), p in zip(args, (n for n in sub.graph.nodes if n.op == "placeholder")):
@@ -303,8 +365,8 @@ class StreamedProgram:
                 continue
             val = p.meta.get("val", p.meta.get("example_value"))
             inputs.append(torch.empty(tuple(val.shape), dtype=val.dtype, device=self.device))  # packed: contiguous
+        compiled = compile_graph(sub, inputs)
         with torch.no_grad():
-            compiled = compile_fx(sub, inputs, config_patches={"triton.cudagraphs": False})
             out = compiled(*inputs)
         weights = [i for kind, i in args if kind == "w"]
         return _Segment(compiled, args, weights), out
@@ -399,7 +461,7 @@ class StreamedProgram:
 
     # --- execution ----------------------------------------------------------------------------
 
-    def _slot(self, slot: int, placement: Placement) -> _SlotState:
+    def _slot(self, slot: int, placement: Placement, resident: dict[int, torch.Tensor]) -> _SlotState:
         st = self._slots.get(slot)
         if st is None or st.version != placement.version:
             st = _SlotState(self.device, self._copy_stream(slot))
@@ -416,6 +478,9 @@ class StreamedProgram:
                         ]
                     )
                 st.views.append(per)
+            for k, seg in enumerate(self.segments):
+                where = dict(zip(placement.streamed[k], st.views[k % 2][k])) if placement.streamed[k] else {}
+                st.args.append([(resident[w] if w in resident else where[w]) if kind == "w" else w for kind, w in seg.args])
             self._slots[slot] = st
         return st
 
@@ -450,7 +515,7 @@ class StreamedProgram:
         if self._state is None:
             raise TorchTRTExtError("weight streaming has no placement yet")
         placement, resident = self._state  # one placement for the whole call
-        st = self._slot(slot, placement)
+        st = self._slot(slot, placement, resident)
         cuda = self._cuda
         compute = torch.cuda.current_stream(self.device) if cuda else None
         n = len(self.segments)
@@ -493,15 +558,10 @@ class StreamedProgram:
                 _, k, dst = step
                 seg = self.segments[k]
                 streamed = placement.streamed[k]
-                where = {}
-                if streamed:
-                    if cuda:
-                        compute.wait_event(st.copied[k % 2])
-                    where = dict(zip(streamed, st.views[k % 2][k]))
+                if streamed and cuda:
+                    compute.wait_event(st.copied[k % 2])
                 try:
-                    args = [
-                        (resident[w] if w in resident else where[w]) if kind == "w" else env[w] for kind, w in seg.args
-                    ]
+                    args = [env[a] if a.__class__ is int else a for a in st.args[k]]
                     out = seg.compiled(*args)
                     del args
                     env[dst] = unalias(out) if streamed else out
