@@ -776,6 +776,81 @@ int64_t create_stream(int64_t device) {
 #endif
 }
 
+// Weight streaming's per-segment fences and copies, one call each (Python's stream contexts and event
+// wrappers cost tens of microseconds per segment on a slow host; see streaming.py). Events are plain
+// CUDA events without timing, created here and named by their handle.
+int64_t create_event(int64_t device) {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaEvent_t raw = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&raw, cudaEventDisableTiming));
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(raw));
+#else
+  (void)device;
+  throw std::invalid_argument("create_event: this build has no CUDA");
+#endif
+}
+
+void destroy_event(int64_t event) {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+  if (event != 0) C10_CUDA_CHECK_WARN(cudaEventDestroy(reinterpret_cast<cudaEvent_t>(static_cast<intptr_t>(event))));
+#else
+  (void)event;
+#endif
+}
+
+// On `stream`: wait for event `wait` (0: none), copy every src into its dst, then record `record`.
+void ring_copy(int64_t stream, int64_t wait, const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src,
+               int64_t record) {
+  if (dst.size() != src.size()) throw std::invalid_argument("ring_copy: dst and src differ in length");
+#ifdef TORCHTRT_EXT_WITH_CUDA
+  for (size_t i = 0; i < dst.size(); ++i) {
+    if (!dst[i].is_cuda() || !dst[i].is_contiguous() || !src[i].is_contiguous() ||
+        dst[i].nbytes() != src[i].nbytes()) {
+      throw std::invalid_argument("ring_copy: pair " + std::to_string(i) +
+                                  " is not two contiguous tensors of one size, the destination on a CUDA device");
+    }
+  }
+  const auto s = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream));
+  py::gil_scoped_release no_gil;
+  if (wait != 0) C10_CUDA_CHECK(cudaStreamWaitEvent(s, reinterpret_cast<cudaEvent_t>(static_cast<intptr_t>(wait)), 0));
+  for (size_t i = 0; i < dst.size(); ++i) {
+    const size_t bytes = dst[i].nbytes();
+    if (bytes == 0) continue;
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst[i].data_ptr(), src[i].data_ptr(), bytes, cudaMemcpyDefault, s));
+  }
+  if (record != 0) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(static_cast<intptr_t>(record)), s));
+#else
+  (void)stream;
+  (void)wait;
+  (void)record;
+  if (!dst.empty()) throw std::invalid_argument("ring_copy: this build has no CUDA");
+#endif
+}
+
+// The current stream of `device` waits for `event`; or records it.
+void current_wait(int64_t device, int64_t event) {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+  const cudaStream_t s = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  C10_CUDA_CHECK(cudaStreamWaitEvent(s, reinterpret_cast<cudaEvent_t>(static_cast<intptr_t>(event)), 0));
+#else
+  (void)device;
+  (void)event;
+  throw std::invalid_argument("current_wait: this build has no CUDA");
+#endif
+}
+
+void current_record(int64_t device, int64_t event) {
+#ifdef TORCHTRT_EXT_WITH_CUDA
+  const cudaStream_t s = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(static_cast<intptr_t>(event)), s));
+#else
+  (void)device;
+  (void)event;
+  throw std::invalid_argument("current_record: this build has no CUDA");
+#endif
+}
+
 bool built_with_cuda() {
 #ifdef TORCHTRT_EXT_WITH_CUDA
   return true;
@@ -806,6 +881,17 @@ PYBIND11_MODULE(_C, m) {
         "synchronisation (CUDA-graph capturable); the GIL is released.");
   m.def("create_stream", &torchtrt_ext::create_stream, py::arg("device"),
         "A new non-blocking CUDA stream (its handle), never shared with torch's stream pool.");
+  m.def("create_event", &torchtrt_ext::create_event, py::arg("device"),
+        "A CUDA event without timing on `device` (its handle); free it with destroy_event.");
+  m.def("destroy_event", &torchtrt_ext::destroy_event, py::arg("event"), "Free an event from create_event.");
+  m.def("ring_copy", &torchtrt_ext::ring_copy, py::arg("stream"), py::arg("wait"), py::arg("dst"), py::arg("src"),
+        py::arg("record"),
+        "On the stream (a handle): wait for event `wait` (0: none), copy each src into its dst (asynchronous "
+        "from pinned host memory), record event `record` (0: none).");
+  m.def("current_wait", &torchtrt_ext::current_wait, py::arg("device"), py::arg("event"),
+        "The current stream of `device` waits for the event (a handle).");
+  m.def("current_record", &torchtrt_ext::current_record, py::arg("device"), py::arg("event"),
+        "Record the event (a handle) on the current stream of `device`.");
   m.def("built_with_cuda", &torchtrt_ext::built_with_cuda,
         "True when this extension was built against CUDA (streams, events, side streams).");
   m.def(

@@ -195,18 +195,36 @@ class Placement:
 
 
 class _SlotState:
-    def __init__(self, device: torch.device, copy_stream: Any):
-        cuda = device.type == "cuda"
-        self.copy_stream = copy_stream
-        self.copied = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
-        self.freed = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
+    """One execution slot's ring and fences. The fences are the runtime's CUDA events (handles), and each
+    segment's fences and copies are one runtime call: Python's stream contexts and event wrappers cost
+    tens of microseconds per segment on a slow host, which a host-bound step pays in full."""
+
+    def __init__(self, device: torch.device, copy_stream: int | None):
+        self.copy_stream = copy_stream  # a stream handle (CUDA), None on the CPU
+        self.copied: list[int] = []
+        self.freed: list[int] = []
+        if copy_stream is not None:
+            from ._runtime import _C
+
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.copied = [_C.create_event(index) for _ in range(2)]
+            self.freed = [_C.create_event(index) for _ in range(2)]
         self.freed_recorded = [False, False]
         self.version = -1
         self.ring: list[torch.Tensor] = []
+        self.ring_storages: set[int] = set()
         self.views: list[list[list[torch.Tensor]]] = []  # [ring][segment] -> device views
+        self.sources: list[list[torch.Tensor]] = []  # [segment] -> host masters of what it streams
         # Per segment, its arguments: the weight tensor to pass (resident copy or ring view), or the
         # index of a value in the call's environment. Built once per placement, read on every call.
         self.args: list[list[Any]] = []
+
+    def __del__(self) -> None:
+        if self.copied or self.freed:
+            from ._runtime import _C
+
+            for event in self.copied + self.freed:  # CUDA frees an event only once its work is done
+                _C.destroy_event(event)
 
 
 class StreamedProgram:
@@ -478,6 +496,8 @@ class StreamedProgram:
                         ]
                     )
                 st.views.append(per)
+            st.ring_storages = {t.untyped_storage().data_ptr() for t in st.ring}
+            st.sources = [[self._masters[w] for w in ws] for ws in placement.streamed]
             for k, seg in enumerate(self.segments):
                 where = dict(zip(placement.streamed[k], st.views[k % 2][k])) if placement.streamed[k] else {}
                 st.args.append([(resident[w] if w in resident else where[w]) if kind == "w" else w for kind, w in seg.args])
@@ -505,9 +525,11 @@ class StreamedProgram:
         if stream is None:
             from ._runtime import _C
 
-            handle = _C.create_stream(self.device.index if self.device.index is not None else torch.cuda.current_device())
-            stream = self._copy_streams[slot] = torch.cuda.ExternalStream(handle, device=self.device)
+            stream = self._copy_streams[slot] = _C.create_stream(self._device_index())
         return stream
+
+    def _device_index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _run(self, inputs: Sequence[Any], slot: int) -> list[Any]:
         from ._runtime import _C
@@ -517,25 +539,23 @@ class StreamedProgram:
         placement, resident = self._state  # one placement for the whole call
         st = self._slot(slot, placement, resident)
         cuda = self._cuda
-        compute = torch.cuda.current_stream(self.device) if cuda else None
+        device = self._device_index() if cuda else -1
         n = len(self.segments)
         masters = self._masters
-        rings = {t.untyped_storage().data_ptr() for t in st.ring}
+        rings = st.ring_storages
+        streamed_at = placement.streamed
+        sources = st.sources
 
         def issue(j: int) -> None:
-            ws = placement.streamed[j]
-            if not ws:
+            if not streamed_at[j]:
                 return
             r = j % 2
             if not cuda:
-                for view, w in zip(st.views[r][j], ws):
-                    view.copy_(masters[w])
+                for view, src in zip(st.views[r][j], sources[j]):
+                    view.copy_(src)
                 return
-            with torch.cuda.stream(st.copy_stream):
-                if st.freed_recorded[r]:
-                    st.copy_stream.wait_event(st.freed[r])
-                _C.copy_async(st.views[r][j], [masters[w] for w in ws])
-                st.copy_stream.record_event(st.copied[r])
+            # On the copy stream: wait until ring buffer r is free, fill it, mark it filled.
+            _C.ring_copy(st.copy_stream, st.freed[r] if st.freed_recorded[r] else 0, st.views[r][j], sources[j], st.copied[r])
 
         def unalias(value: Any) -> Any:
             """An output that views a ring buffer (a transposed weight, say) must outlive the buffer."""
@@ -557,9 +577,9 @@ class StreamedProgram:
             else:
                 _, k, dst = step
                 seg = self.segments[k]
-                streamed = placement.streamed[k]
+                streamed = streamed_at[k]
                 if streamed and cuda:
-                    compute.wait_event(st.copied[k % 2])
+                    _C.current_wait(device, st.copied[k % 2])
                 try:
                     args = [env[a] if a.__class__ is int else a for a in st.args[k]]
                     out = seg.compiled(*args)
@@ -567,7 +587,7 @@ class StreamedProgram:
                     env[dst] = unalias(out) if streamed else out
                 finally:
                     if streamed and cuda:  # also after an error: later copies must not overtake this segment
-                        compute.record_event(st.freed[k % 2])
+                        _C.current_record(device, st.freed[k % 2])
                         st.freed_recorded[k % 2] = True
                 if k + 2 < n:
                     issue(k + 2)
