@@ -5,7 +5,7 @@ weight bytes, and each segment is compiled by Inductor on its own (weights are i
 Every weight has one master copy in pinned host memory, packed per segment. A placement, made for a
 device budget and changeable at run time without recompiling, keeps some weights resident on the
 device and streams the others: while segment k computes on the caller's stream, a copy stream of the
-execution slot fills a ring of two device buffers with the weights of segment k+1, fenced both ways
+execution slot fills a ring of RING_BUFFERS device buffers with the weights of segments k+1.., fenced both ways
 with events (the copy waits until the ring buffer's previous segment has finished reading it; the
 segment waits for its copy).
 
@@ -33,6 +33,11 @@ log = logging.getLogger("torchtrt_ext")
 
 _ALIGN = 256  # bytes: every packed weight starts at a multiple of this
 DEFAULT_SEGMENTS = 24
+# Ring buffers per execution slot: segment k+RING_BUFFERS is copied once segment k is done with its
+# buffer. Two left the copy stream idle whenever one segment's compute ran long (H100, 8x512 at a 50%
+# budget: 1.24x the floor with copies and compute each ~20 ms per step); three let it run a segment
+# ahead.
+RING_BUFFERS = 3
 
 
 def _aligned(n: int) -> int:
@@ -190,7 +195,7 @@ class Placement:
     resident_bytes: int
     streamed: list[list[int]]  # per segment: the weights it streams
     offsets: list[list[int]]  # per segment: ring offsets of those weights
-    ring_bytes: int  # one ring buffer (there are two per execution slot)
+    ring_bytes: int  # one ring buffer (there are RING_BUFFERS per execution slot)
     version: int
 
 
@@ -207,9 +212,9 @@ class _SlotState:
             from ._runtime import _C
 
             index = device.index if device.index is not None else torch.cuda.current_device()
-            self.copied = [_C.create_event(index) for _ in range(2)]
-            self.freed = [_C.create_event(index) for _ in range(2)]
-        self.freed_recorded = [False, False]
+            self.copied = [_C.create_event(index) for _ in range(RING_BUFFERS)]
+            self.freed = [_C.create_event(index) for _ in range(RING_BUFFERS)]
+        self.freed_recorded = [False] * RING_BUFFERS
         self.version = -1
         self.ring: list[torch.Tensor] = []
         self.ring_storages: set[int] = set()
@@ -468,11 +473,12 @@ class StreamedProgram:
             self._synchronize()  # the resident copies have arrived before any call reads them
             self._state = (placement, fresh)
         log.info(
-            "torchtrt_ext: weight streaming: %.1f of %.1f MiB resident (budget %.1f MiB), %d segments, ring 2 x %.1f MiB",
+            "torchtrt_ext: weight streaming: %.1f of %.1f MiB resident (budget %.1f MiB), %d segments, ring %d x %.1f MiB",
             self.placement.resident_bytes / 2**20,
             sum(sizes) / 2**20,
             budget / 2**20,
             len(self.segments),
+            RING_BUFFERS,
             ring / 2**20,
         )
         return self.placement
@@ -485,8 +491,8 @@ class StreamedProgram:
             st = _SlotState(self.device, self._copy_stream(slot))
             st.version = placement.version
             if placement.ring_bytes:
-                st.ring = [torch.empty(placement.ring_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
-            for r in range(2 if placement.ring_bytes else 0):
+                st.ring = [torch.empty(placement.ring_bytes, dtype=torch.uint8, device=self.device) for _ in range(RING_BUFFERS)]
+            for r in range(RING_BUFFERS if placement.ring_bytes else 0):
                 per = []
                 for ws, offs in zip(placement.streamed, placement.offsets):
                     per.append(
@@ -499,7 +505,7 @@ class StreamedProgram:
             st.ring_storages = {t.untyped_storage().data_ptr() for t in st.ring}
             st.sources = [[self._masters[w] for w in ws] for ws in placement.streamed]
             for k, seg in enumerate(self.segments):
-                where = dict(zip(placement.streamed[k], st.views[k % 2][k])) if placement.streamed[k] else {}
+                where = dict(zip(placement.streamed[k], st.views[k % RING_BUFFERS][k])) if placement.streamed[k] else {}
                 st.args.append([(resident[w] if w in resident else where[w]) if kind == "w" else w for kind, w in seg.args])
             self._slots[slot] = st
         return st
@@ -549,7 +555,7 @@ class StreamedProgram:
         def issue(j: int) -> None:
             if not streamed_at[j]:
                 return
-            r = j % 2
+            r = j % RING_BUFFERS
             if not cuda:
                 for view, src in zip(st.views[r][j], sources[j]):
                     view.copy_(src)
@@ -568,7 +574,7 @@ class StreamedProgram:
         env: list[Any] = [None] * self._env_size
         for k, idx in enumerate(self._input_env):
             env[idx] = inputs[k]
-        for j in range(min(2, n)):
+        for j in range(min(RING_BUFFERS, n)):
             issue(j)
         for i, step in enumerate(self._steps):
             if step[0] == "item":
@@ -579,7 +585,7 @@ class StreamedProgram:
                 seg = self.segments[k]
                 streamed = streamed_at[k]
                 if streamed and cuda:
-                    _C.current_wait(device, st.copied[k % 2])
+                    _C.current_wait(device, st.copied[k % RING_BUFFERS])
                 try:
                     args = [env[a] if a.__class__ is int else a for a in st.args[k]]
                     out = seg.compiled(*args)
@@ -587,10 +593,10 @@ class StreamedProgram:
                     env[dst] = unalias(out) if streamed else out
                 finally:
                     if streamed and cuda:  # also after an error: later copies must not overtake this segment
-                        _C.current_record(device, st.freed[k % 2])
-                        st.freed_recorded[k % 2] = True
-                if k + 2 < n:
-                    issue(k + 2)
+                        _C.current_record(device, st.freed[k % RING_BUFFERS])
+                        st.freed_recorded[k % RING_BUFFERS] = True
+                if k + RING_BUFFERS < n:
+                    issue(k + RING_BUFFERS)
             for x in self._release[i]:
                 env[x] = None
         outputs = []
@@ -667,7 +673,7 @@ class WeightStreaming:
 
     @property
     def ring_bytes(self) -> int:
-        return sum(2 * e._streamed.placement.ring_bytes for e in self._engines)
+        return sum(RING_BUFFERS * e._streamed.placement.ring_bytes for e in self._engines)
 
 
 def weight_streaming(compiled: Any) -> WeightStreaming:
