@@ -14,7 +14,7 @@ import math
 import mmap
 import os
 import struct
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -60,6 +60,10 @@ class WeightSource:
     def tensor(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def specs(self, names: Iterable[str]) -> dict[str, Any]:
+        """spec() of each name, in one call (sources in memory answer it in one pass)."""
+        return {name: self.spec(name) for name in names}
+
     def close(self) -> None:
         pass
 
@@ -86,6 +90,14 @@ class MappingSource(WeightSource):
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._weights[name]  # only ever read under no_grad
+
+    def specs(self, names: Iterable[str]) -> dict[str, Any]:
+        weights = self._weights
+        found = {name: weights[name] for name in names}
+        for name, value in found.items():
+            if not isinstance(value, torch.Tensor):
+                found[name] = f"is not a tensor (got {type(value).__name__})"
+        return found
 
 
 class SafetensorsSource(WeightSource):

@@ -222,8 +222,7 @@ class BuiltinEngine(Engine):
             return
         # In place: the table's addresses stay, so captured CUDA graphs stay valid. Calls in flight on
         # other streams may read a mix of old and new values (refit_double_buffer avoids that).
-        ready = _prepare([self._table[i] for i in values], list(values.values()))
-        _copy([self._table[i] for i in values], ready)
+        _copy([self._table[i] for i in values], list(values.values()))
         self._bind(fence=True)
 
     def _load_double_buffered(self, values: Mapping[int, torch.Tensor]) -> None:
@@ -245,8 +244,7 @@ class BuiltinEngine(Engine):
             stale = None
         keep = [i for i in (range(len(self._table)) if stale is None else stale) if i not in values]
         try:
-            ready = _prepare([spare[i] for i in values], list(values.values()))
-            _copy([spare[i] for i in keep] + [spare[i] for i in values], [self._table[i] for i in keep] + ready)
+            _copy([spare[i] for i in keep] + [spare[i] for i in values], [self._table[i] for i in keep] + list(values.values()))
         except torch.OutOfMemoryError:
             self._spare, self._spare_stale = spare, None  # keep the allocation; its contents are unknown
             raise RefitError("out of memory while staging the new weights; the engine is unchanged") from None
@@ -330,7 +328,8 @@ _BATCHED_COPY = True
 
 
 def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-    """Copy on the current stream (asynchronously from CUDA and pinned host memory)."""
+    """Copy on the current stream (asynchronously from CUDA and pinned host memory), converting each
+    source to its destination's dtype (see _prepare)."""
     if not destinations:
         return
     from .._runtime import _C, built_with_cuda
@@ -345,6 +344,7 @@ def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor])
             return
         except ValueError:
             pass
+    sources = _prepare(destinations, sources)
     with torch.no_grad():
         batched: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         fused_dst, fused_src = [], []
