@@ -160,22 +160,12 @@ cache = sys.argv[1]
 model = LogitsOnly(llama(torch.device("cuda"), torch.float16))
 ids = torch.randint(0, 32000, (1, 128), device="cuda")
 torch.cuda.synchronize()
-profile = None
-if len(sys.argv) > 2:  # a profiled run: where a cache hit spends its time, by function (printed to stderr)
-    import cProfile, pstats
-    profile = cProfile.Profile()
-    profile.enable()
 start = time.perf_counter()
 compiled = torchtrt_ext.compile(model, (ids,), dynamic_batch=False, cache_dir=cache)
 called = time.perf_counter()
 compiled(ids)
 torch.cuda.synchronize()
 spent["first call"] = time.perf_counter() - called
-if profile is not None:
-    profile.disable()
-    stats = pstats.Stats(profile, stream=sys.stderr)
-    stats.sort_stats("cumulative").print_stats(60)
-    stats.sort_stats("tottime").print_stats(30)
 seen = {k: dict(v) for k, v in counters.items() if k in ("aot_autograd", "inductor")}
 print(json.dumps({"seconds": time.perf_counter() - start, "hit": compiled._variants[0].from_cache,
                   "compiled_code": compiled._variants[0].engine.artifact is not None,

@@ -85,17 +85,7 @@ def step_and_host_s(fn: Callable[[], Any], device: torch.device, repeats: int) -
     """Medians over the same calls (after one warm-up) of (seconds until the work is done, seconds
     until fn returns). Where the second is close to the first, the host's work (checks, launches) is
     what bounds the step, not the device."""
-    fn()
-    sync(device)
-    totals, hosts = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        returned = time.perf_counter()
-        sync(device)
-        totals.append(time.perf_counter() - start)
-        hosts.append(returned - start)
-    return statistics.median(totals), statistics.median(hosts)
+    return step_and_host_interleaved_s({"fn": fn}, device, repeats)["fn"]
 
 
 def step_and_host_interleaved_s(

@@ -719,7 +719,11 @@ class WeightWatch {
 // dispatcher or Python work per pair): contiguous pairs of one dtype and size, dst on a CUDA device,
 // src on the same device or in pinned host memory that outlives the copy (the caller's promise: no
 // event is recorded with torch's host allocator). Every pair is checked before any copy is enqueued.
-void copy_async(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src) {
+// cudaMemcpyAsync of each pair, on `stream` (a handle; 0: the current stream of the destinations'
+// device). With a stream given, it first waits for event `wait` and afterwards records event `record`
+// there (0: none): weight streaming's fence, ring copies and fence of one segment in one call.
+void copy_async(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src, int64_t stream, int64_t wait,
+                int64_t record) {
   if (dst.size() != src.size()) throw std::invalid_argument("copy_async: dst and src differ in length");
 #ifdef TORCHTRT_EXT_WITH_CUDA
   for (size_t i = 0; i < dst.size(); ++i) {
@@ -733,16 +737,26 @@ void copy_async(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor
                                   "device and the source on it or in pinned host memory");
     }
   }
-  if (dst.empty()) return;
-  c10::cuda::CUDAGuard guard(dst[0].device().index());
+  if (stream == 0 && (wait != 0 || record != 0)) {
+    throw std::invalid_argument("copy_async: wait and record need a stream");
+  }
+  if (stream == 0 && dst.empty()) return;
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (!dst.empty()) guard.emplace(dst[0].device().index());
+  const cudaStream_t on = stream != 0 ? reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream))
+                                      : c10::cuda::getCurrentCUDAStream(dst[0].device().index()).stream();
   py::gil_scoped_release no_gil;
+  if (wait != 0) C10_CUDA_CHECK(cudaStreamWaitEvent(on, reinterpret_cast<cudaEvent_t>(static_cast<intptr_t>(wait)), 0));
   for (size_t i = 0; i < dst.size(); ++i) {
-    const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(dst[i].device().index());
     const size_t bytes = static_cast<size_t>(dst[i].numel()) * dst[i].element_size();
     if (bytes == 0) continue;
-    C10_CUDA_CHECK(cudaMemcpyAsync(dst[i].data_ptr(), src[i].data_ptr(), bytes, cudaMemcpyDefault, stream.stream()));
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst[i].data_ptr(), src[i].data_ptr(), bytes, cudaMemcpyDefault, on));
   }
+  if (record != 0) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(static_cast<intptr_t>(record)), on));
 #else
+  (void)stream;
+  (void)wait;
+  (void)record;
   if (!dst.empty()) throw std::invalid_argument("copy_async: this build has no CUDA");
 #endif
 }
@@ -799,35 +813,6 @@ void destroy_event(int64_t event) {
 #endif
 }
 
-// On `stream`: wait for event `wait` (0: none), copy every src into its dst, then record `record`.
-void ring_copy(int64_t stream, int64_t wait, const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src,
-               int64_t record) {
-  if (dst.size() != src.size()) throw std::invalid_argument("ring_copy: dst and src differ in length");
-#ifdef TORCHTRT_EXT_WITH_CUDA
-  for (size_t i = 0; i < dst.size(); ++i) {
-    if (!dst[i].is_cuda() || !dst[i].is_contiguous() || !src[i].is_contiguous() ||
-        dst[i].nbytes() != src[i].nbytes()) {
-      throw std::invalid_argument("ring_copy: pair " + std::to_string(i) +
-                                  " is not two contiguous tensors of one size, the destination on a CUDA device");
-    }
-  }
-  const auto s = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream));
-  py::gil_scoped_release no_gil;
-  if (wait != 0) C10_CUDA_CHECK(cudaStreamWaitEvent(s, reinterpret_cast<cudaEvent_t>(static_cast<intptr_t>(wait)), 0));
-  for (size_t i = 0; i < dst.size(); ++i) {
-    const size_t bytes = dst[i].nbytes();
-    if (bytes == 0) continue;
-    C10_CUDA_CHECK(cudaMemcpyAsync(dst[i].data_ptr(), src[i].data_ptr(), bytes, cudaMemcpyDefault, s));
-  }
-  if (record != 0) C10_CUDA_CHECK(cudaEventRecord(reinterpret_cast<cudaEvent_t>(static_cast<intptr_t>(record)), s));
-#else
-  (void)stream;
-  (void)wait;
-  (void)record;
-  if (!dst.empty()) throw std::invalid_argument("ring_copy: this build has no CUDA");
-#endif
-}
-
 // The current stream of `device` waits for `event`; or records it.
 void current_wait(int64_t device, int64_t event) {
 #ifdef TORCHTRT_EXT_WITH_CUDA
@@ -872,8 +857,11 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(torchtrt_ext::g_input_error ? torchtrt_ext::g_input_error : PyExc_ValueError, e.what());
     }
   });
-  m.def("copy_async", &torchtrt_ext::copy_async, py::arg("dst"), py::arg("src"),
-        "cudaMemcpyAsync of contiguous tensor pairs (device or pinned host source) on the current stream.");
+  m.def("copy_async", &torchtrt_ext::copy_async, py::arg("dst"), py::arg("src"), py::arg("stream") = 0,
+        py::arg("wait") = 0, py::arg("record") = 0,
+        "cudaMemcpyAsync of contiguous tensor pairs (device or pinned host source) on `stream` (a handle; 0: "
+        "the current stream); with a stream, first wait for event `wait` and then record event `record` there "
+        "(0: none).");
   m.def("batched_copy", &torchtrt_ext::batched_copy_unlocked, py::arg("dst"), py::arg("src"),
         "Copy src[i] into dst[i] for every pair in ONE kernel launch on the current stream of the destinations' "
         "device: contiguous pairs of one dtype and size, all on one CUDA device (pairs not 16-byte aligned "
@@ -884,10 +872,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("create_event", &torchtrt_ext::create_event, py::arg("device"),
         "A CUDA event without timing on `device` (its handle); free it with destroy_event.");
   m.def("destroy_event", &torchtrt_ext::destroy_event, py::arg("event"), "Free an event from create_event.");
-  m.def("ring_copy", &torchtrt_ext::ring_copy, py::arg("stream"), py::arg("wait"), py::arg("dst"), py::arg("src"),
-        py::arg("record"),
-        "On the stream (a handle): wait for event `wait` (0: none), copy each src into its dst (asynchronous "
-        "from pinned host memory), record event `record` (0: none).");
   m.def("current_wait", &torchtrt_ext::current_wait, py::arg("device"), py::arg("event"),
         "The current stream of `device` waits for the event (a handle).");
   m.def("current_record", &torchtrt_ext::current_record, py::arg("device"), py::arg("event"),

@@ -388,6 +388,9 @@ def test_runtime_device_copies_match_and_check_every_pair_first():
     with pytest.raises(ValueError, match="pair 1 is not two contiguous tensors of one dtype and size"):
         _C.copy_async(dst, [src[0] * 2, src[1].t()])
     assert all(torch.equal(d, b) for d, b in zip(dst, before))  # nothing copied
+    with pytest.raises(ValueError, match="copy_async: wait and record need a stream"):
+        _C.copy_async(dst, src, 0, 0, _C.create_event(0))
+    assert all(torch.equal(d, b) for d, b in zip(dst, before))
 
 
 def _nonzero(numel, dtype, device="cuda"):

@@ -204,16 +204,15 @@ class _SlotState:
     segment's fences and copies are one runtime call: Python's stream contexts and event wrappers cost
     tens of microseconds per segment on a slow host, which a host-bound step pays in full."""
 
-    def __init__(self, device: torch.device, copy_stream: int | None):
+    def __init__(self, device_index: int, copy_stream: int | None):
         self.copy_stream = copy_stream  # a stream handle (CUDA), None on the CPU
         self.copied: list[int] = []
         self.freed: list[int] = []
         if copy_stream is not None:
             from ._runtime import _C
 
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            self.copied = [_C.create_event(index) for _ in range(RING_BUFFERS)]
-            self.freed = [_C.create_event(index) for _ in range(RING_BUFFERS)]
+            self.copied = [_C.create_event(device_index) for _ in range(RING_BUFFERS)]
+            self.freed = [_C.create_event(device_index) for _ in range(RING_BUFFERS)]
         self.freed_recorded = [False] * RING_BUFFERS
         self.version = -1
         self.ring: list[torch.Tensor] = []
@@ -488,7 +487,7 @@ class StreamedProgram:
     def _slot(self, slot: int, placement: Placement, resident: dict[int, torch.Tensor]) -> _SlotState:
         st = self._slots.get(slot)
         if st is None or st.version != placement.version:
-            st = _SlotState(self.device, self._copy_stream(slot))
+            st = _SlotState(self._device_index() if self._cuda else -1, self._copy_stream(slot))
             st.version = placement.version
             if placement.ring_bytes:
                 st.ring = [torch.empty(placement.ring_bytes, dtype=torch.uint8, device=self.device) for _ in range(RING_BUFFERS)]
@@ -561,7 +560,7 @@ class StreamedProgram:
                     view.copy_(src)
                 return
             # On the copy stream: wait until ring buffer r is free, fill it, mark it filled.
-            _C.ring_copy(st.copy_stream, st.freed[r] if st.freed_recorded[r] else 0, st.views[r][j], sources[j], st.copied[r])
+            _C.copy_async(st.views[r][j], sources[j], st.copy_stream, st.freed[r] if st.freed_recorded[r] else 0, st.copied[r])
 
         def unalias(value: Any) -> Any:
             """An output that views a ring buffer (a transposed weight, say) must outlive the buffer."""

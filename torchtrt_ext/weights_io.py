@@ -61,7 +61,7 @@ class WeightSource:
         raise NotImplementedError
 
     def specs(self, names: Iterable[str]) -> dict[str, Any]:
-        """spec() of each name, in one call (sources in memory answer it in one pass)."""
+        """spec() of each name, in one call."""
         return {name: self.spec(name) for name in names}
 
     def close(self) -> None:
@@ -90,14 +90,6 @@ class MappingSource(WeightSource):
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._weights[name]  # only ever read under no_grad
-
-    def specs(self, names: Iterable[str]) -> dict[str, Any]:
-        weights = self._weights
-        found = {name: weights[name] for name in names}
-        for name, value in found.items():
-            if not isinstance(value, torch.Tensor):
-                found[name] = f"is not a tensor (got {type(value).__name__})"
-        return found
 
 
 class SafetensorsSource(WeightSource):
