@@ -1,7 +1,8 @@
 """Weight streaming (issue 5): step time of the Llama-style model (2.2 GB fp16, kept on the host) at
-device budgets 0/25/50/75/100%, against the floor max(compute time fully resident, bytes streamed per
-step / pinned host-to-device bandwidth), both measured in the same run (the resident engine's time in
-the same rounds as each budget's, call for call in turn), and against Hugging Face
+device budgets 0/25/50/75/100%, against the floor max(step of the resident engine, one pinned
+host-to-device copy_ of the bytes streamed per step), all timed in the same rounds, call for call in
+turn (the host's speed and the link's drift within a run). Both without CUDA graphs (the default) and
+with cuda_graphs=True, each against the resident engine in the same mode; and against Hugging Face
 accelerate's cpu_offload at budget 0.
 
     python -m benchmarks streaming --out DIR
@@ -53,13 +54,6 @@ def _time_ms(fn, repeats: int) -> float:
     return _timed(fn, repeats)[0]
 
 
-def _pinned_bandwidth(nbytes: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    seconds = _time_ms(lambda: dst.copy_(src, non_blocking=True), 5) / 1e3
-    return nbytes / seconds
-
-
 def _streamed_bytes(engine) -> int:
     program = engine._streamed
     sizes = [m.numel() * m.element_size() for m in program._masters]
@@ -71,13 +65,20 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         raise RuntimeError("the streaming benchmark needs a CUDA device")
     shapes = [(1, 128)] if quick else [(1, 128), (8, 512)]
     model = LogitsOnly(llama(torch.device("cpu"), torch.float16)).eval()  # on the host, as for a big model
-    bandwidth = _pinned_bandwidth(1 << 30)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    # The copy floor's own copy: the same bytes as a budget streams, pinned host to device in one copy_,
+    # timed in the same rounds as the engines (the link's speed drifts: 41 to 54 GB/s across one run).
+    pinned_src = torch.empty(total, dtype=torch.uint8).pin_memory()
+    copy_dst = torch.empty(total, dtype=torch.uint8, device=device)
     rows = []
     with torch.no_grad():
         gpu_model = copy.deepcopy(model).to(device)
         for batch, tokens in shapes:
             ids = torch.randint(0, 32000, (batch, tokens), device=device)
+            # Each mode against the resident engine in the same mode: without CUDA graphs (the default)
+            # and with cuda_graphs=True (the host's launches out of the step).
             resident = torchtrt_ext.compile(gpu_model, (ids,), dynamic_batch=False)
+            resident_graphs = torchtrt_ext.compile(gpu_model, (ids,), dynamic_batch=False, cuda_graphs=True)
             resident_profile = _launch_profile(lambda: resident(ids))
             t_eager = _time_ms(lambda: gpu_model(ids), 5)  # an anchor against the engine benchmark's runs
             reference = resident(ids).float()
@@ -85,46 +86,61 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             start = time.perf_counter()
             streamed = torchtrt_ext.compile(model, (ids,), weight_streaming=True, dynamic_batch=False)
             compile_s = time.perf_counter() - start
+            streamed_graphs = torchtrt_ext.compile(model, (ids,), weight_streaming=True, dynamic_batch=False, cuda_graphs=True)
             engine = streamed.engines[0]
-            with torchtrt_ext.weight_streaming(streamed) as ws:
+            with torchtrt_ext.weight_streaming(streamed) as ws, torchtrt_ext.weight_streaming(streamed_graphs) as ws_graphs:
                 for percent in BUDGETS:
-                    ws.device_budget = f"{percent}%"
-                    out = streamed(ids).float()
-                    rel_err = ((out - reference).norm() / reference.norm()).item()
-                    # Step and floor from the same rounds: the streamed and the resident engine in turn.
-                    both = step_and_host_interleaved_s(
-                        {"streamed": lambda: streamed(ids), "resident": lambda: resident(ids)}, device, 9
-                    )
-                    t, host = (x * 1e3 for x in both["streamed"])
-                    t_res, host_res = (x * 1e3 for x in both["resident"])
-                    profiled = _launch_profile(lambda: streamed(ids)) if percent == 100 else {}
+                    ws.device_budget = ws_graphs.device_budget = f"{percent}%"
                     moved = _streamed_bytes(engine)
-                    floor = max(t_res, moved / bandwidth * 1e3)
-                    rows.append(
-                        {
-                            "shape": f"{batch}x{tokens}",
-                            "budget": f"{percent}%",
-                            "resident_MB": round(ws.resident_bytes / 1e6),
-                            "ring_MB": round(ws.ring_bytes / 1e6),
-                            "streamed_MB_per_step": round(moved / 1e6),
-                            "step_ms": round(t, 2),
-                            "floor_ms": round(floor, 2),
-                            "vs_floor": round(t / floor, 3),
-                            "host_ms": round(host, 2),
-                            "resident_engine_ms": round(t_res, 2),
-                            "resident_host_ms": round(host_res, 2),
-                            "eager_ms": round(t_eager, 2),
-                            **profiled,
-                            **({"resident_" + k: v for k, v in resident_profile.items()} if percent == 100 else {}),
-                            "rel_err_vs_resident": round(rel_err, 5),
-                            "segments": len(engine._streamed.segments),
-                            "compile_s": round(compile_s, 1),
-                        }
-                    )
-                    print(rows[-1], flush=True)
-            del streamed, engine, resident
+                    assert moved == _streamed_bytes(streamed_graphs.engines[0])
+                    errors = {}
+                    for name, m in (("eager", streamed), ("graphs", streamed_graphs)):
+                        out = m(ids).float()
+                        out = m(ids).float()  # with graphs: a replay, not the capture run
+                        errors[name] = ((out - reference).norm() / reference.norm()).item()
+                    variants = {
+                        "streamed": lambda: streamed(ids),
+                        "resident": lambda: resident(ids),
+                        "streamed_graphs": lambda: streamed_graphs(ids),
+                        "resident_graphs": lambda: resident_graphs(ids),
+                    }
+                    if moved:
+                        variants["copy"] = lambda: copy_dst[:moved].copy_(pinned_src[:moved], non_blocking=True)
+                    timed = {k: (v[0] * 1e3, v[1] * 1e3) for k, v in step_and_host_interleaved_s(variants, device, 9).items()}
+                    t_copy = timed["copy"][0] if moved else 0.0
+                    profiled = _launch_profile(lambda: streamed(ids)) if percent == 100 else {}
+                    for mode, key, ref_key in (("eager", "streamed", "resident"), ("graphs", "streamed_graphs", "resident_graphs")):
+                        t, host = timed[key]
+                        t_res, host_res = timed[ref_key]
+                        floor = max(t_res, t_copy)
+                        rows.append(
+                            {
+                                "shape": f"{batch}x{tokens}",
+                                "budget": f"{percent}%",
+                                "cuda_graphs": mode == "graphs",
+                                "resident_MB": round(ws.resident_bytes / 1e6),
+                                "ring_MB": round(ws.ring_bytes / 1e6),
+                                "streamed_MB_per_step": round(moved / 1e6),
+                                "step_ms": round(t, 2),
+                                "floor_ms": round(floor, 2),
+                                "vs_floor": round(t / floor, 3),
+                                "host_ms": round(host, 2),
+                                "resident_engine_ms": round(t_res, 2),
+                                "resident_host_ms": round(host_res, 2),
+                                "copy_ms": round(t_copy, 2),
+                                "copy_GBps": round(moved / t_copy / 1e6, 1) if moved else None,
+                                "eager_ms": round(t_eager, 2),
+                                **(profiled if mode == "eager" else {}),
+                                **({"resident_" + k: v for k, v in resident_profile.items()} if percent == 100 and mode == "eager" else {}),
+                                "rel_err_vs_resident": round(errors[mode], 5),
+                                "segments": len(engine._streamed.segments),
+                                "compile_s": round(compile_s, 1),
+                            }
+                        )
+                        print(rows[-1], flush=True)
+            del streamed, streamed_graphs, engine, resident, resident_graphs
             torch.cuda.empty_cache()
-        del gpu_model
+        del gpu_model, copy_dst
         torch.cuda.empty_cache()
 
         # The peer: accelerate's cpu_offload (weights on the host, moved at each module's call).
@@ -134,16 +150,16 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         for batch, tokens in shapes:
             ids = torch.randint(0, 32000, (batch, tokens), device=device)
             t_acc = _time_ms(lambda: offloaded(ids), 3)
-            ours = next(r for r in rows if r["shape"] == f"{batch}x{tokens}" and r["budget"] == "0%")
+            ours = {r["cuda_graphs"]: r for r in rows if r["shape"] == f"{batch}x{tokens}" and r["budget"] == "0%"}
             rows.append(
                 {
                     "shape": f"{batch}x{tokens}",
                     "budget": "0% (accelerate cpu_offload)",
                     "step_ms": round(t_acc, 1),
-                    "vs_floor": round(t_acc / ours["floor_ms"], 2),
-                    "ours_faster_x": round(t_acc / ours["step_ms"], 1),
+                    "vs_floor": round(t_acc / ours[False]["floor_ms"], 2),
+                    "ours_faster_x": round(t_acc / ours[False]["step_ms"], 1),
+                    "ours_graphs_faster_x": round(t_acc / ours[True]["step_ms"], 1),
                 }
             )
             print(rows[-1], flush=True)
-    rows.append({"shape": "(pinned H2D GB/s)", "step_ms": round(bandwidth / 1e9, 1)})
     return rows

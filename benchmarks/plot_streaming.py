@@ -20,7 +20,8 @@ def _series(rows: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]
         budget = str(r.get("budget", ""))
         if not budget.endswith("%") or "floor_ms" not in r:
             continue
-        shape = out.setdefault(r["shape"], {"ours": [], "floor": []})
+        name = r["shape"] + (", CUDA graphs" if r.get("cuda_graphs") else "")
+        shape = out.setdefault(name, {"ours": [], "floor": []})
         x = float(budget.rstrip("%"))
         shape["ours"].append((x, r["step_ms"]))
         shape["floor"].append((x, r["floor_ms"]))

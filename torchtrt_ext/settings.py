@@ -59,7 +59,7 @@ class Settings:
         False,
         "keep only part of the weights on the device (see weight_streaming_budget) and stream the rest from "
         "pinned host memory while the graph runs; the model may stay on the CPU, the inputs give the device. "
-        "Static shapes; not with cuda_graphs",
+        "Static shapes. With cuda_graphs, a whole call (copies included) is one graph",
     )
     weight_streaming_budget: int | str = _option(
         "auto",
@@ -93,8 +93,6 @@ class Settings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
-        if self.weight_streaming and self.cuda_graphs:
-            raise OptionError("weight_streaming=True and cuda_graphs=True cannot be combined; choose one")
         if not self.weight_streaming and self.weight_streaming_budget != "auto":
             raise OptionError("option 'weight_streaming_budget' applies only with weight_streaming=True")
         if self.weight_streaming:

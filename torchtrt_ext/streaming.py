@@ -9,9 +9,15 @@ execution slot fills a ring of RING_BUFFERS device buffers with the weights of s
 with events (the copy waits until the ring buffer's previous segment has finished reading it; the
 segment waits for its copy).
 
-Placement: the first segment's weights first (nothing can hide their copy), then a water level over
-the other segments, so every segment streams about the same number of bytes and the copies spread
-evenly under the compute.
+CUDA graphs (cuda_graphs=True): the runtime captures a whole streamed call, copies included. Under
+capture, the copy stream joins the capture from a fork event recorded at the call's start, and every
+fence is then a dependency inside the graph; a replay is ordered whole on its stream, so the ring needs
+no fence across replays. A placement change drops the graphs (they read the old ring and resident
+copies) while no call runs; a refit writes in place, so the graphs stay valid.
+
+Placement: weights read by several segments first, then the first segment's (nothing can hide their
+copy), then the rest where it lowers the most-streamed segment, so the copies spread evenly under
+the compute.
 """
 
 from __future__ import annotations
@@ -217,14 +223,20 @@ class _SlotState:
 
     def __init__(self, device_index: int, copy_stream: int | None):
         self.copy_stream = copy_stream  # a stream handle (CUDA), None on the CPU
+        from ._runtime import _C
+
         self.copied: list[int] = []
         self.freed: list[int] = []
         if copy_stream is not None:
-            from ._runtime import _C
-
             self.copied = [_C.create_event(device_index) for _ in range(RING_BUFFERS)]
             self.freed = [_C.create_event(device_index) for _ in range(RING_BUFFERS)]
         self.freed_recorded = [False] * RING_BUFFERS
+        # Recorded on the caller's stream at the start of a call whose first copies must follow all the
+        # caller's work so far: under capture (how the copy stream joins it), and in every call once the
+        # slot has been captured (its freed events were last recorded inside a capture, where a record
+        # marks a dependency of the graph, not a point a later call can wait for).
+        self.fork = _C.create_event(device_index) if copy_stream is not None else 0
+        self.captured = False
         self.version = -1
         self.ring: list[torch.Tensor] = []
         self.ring_storages: set[int] = set()
@@ -238,7 +250,7 @@ class _SlotState:
         if self.copied or self.freed:
             from ._runtime import _C
 
-            for event in self.copied + self.freed:  # CUDA frees an event only once its work is done
+            for event in self.copied + self.freed + [self.fork]:  # CUDA frees an event only once its work is done
                 _C.destroy_event(event)
 
 
@@ -356,6 +368,9 @@ class StreamedProgram:
         self._active = 0
         self._changing = False
         self._version = 0
+        # Called while no call runs, before a placement change frees what captured CUDA graphs read
+        # (the engine sets it to its runtime's clear_graphs).
+        self.on_placement_change: Callable[[], None] | None = None
 
     @property
     def placement(self) -> Placement | None:
@@ -468,6 +483,8 @@ class StreamedProgram:
             offsets.append(offs)
             ring = max(ring, at)
         with self._exclusive():  # no call runs; none has GPU work left
+            if self.on_placement_change is not None:
+                self.on_placement_change()
             self._slots.clear()  # rings are sized per placement (dropped first: less peak memory)
             self._version += 1
             old = self._resident
@@ -523,17 +540,25 @@ class StreamedProgram:
             self._slots[slot] = st
         return st
 
-    def run(self, inputs: Sequence[Any], slot: int) -> list[Any]:
+    @contextlib.contextmanager
+    def calling(self) -> Iterator[None]:
+        """Around a call: waits while the placement or the weights change, which wait for it in turn.
+        The engine holds it around its runtime call (a CUDA-graph replay never enters Python), before it
+        takes an execution slot: a change waiting for calls never waits for a caller waiting for it."""
         with self._cond:
             while self._changing:
                 self._cond.wait()
             self._active += 1
         try:
-            return self._run(inputs, slot)
+            yield
         finally:
             with self._cond:
                 self._active -= 1
                 self._cond.notify_all()
+
+    def run(self, inputs: Sequence[Any], slot: int) -> list[Any]:
+        with self.calling():
+            return self._run(inputs, slot)
 
     def _copy_stream(self, slot: int) -> Any:
         """The slot's copy stream: the runtime's own (a pool stream could be the caller's, and copies
@@ -565,6 +590,13 @@ class StreamedProgram:
         streamed_at = placement.streamed
         sources = st.sources
 
+        capturing = cuda and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            st.captured = True
+        forked = capturing or st.captured
+        if forked:
+            _C.current_record(device, st.fork)
+
         def issue(j: int) -> None:
             if not streamed_at[j]:
                 return
@@ -573,8 +605,13 @@ class StreamedProgram:
                 for view, src in zip(st.views[r][j], sources[j]):
                     view.copy_(src)
                 return
-            # On the copy stream: wait until ring buffer r is free, fill it, mark it filled.
-            _C.copy_async(st.views[r][j], sources[j], st.copy_stream, st.freed[r] if st.freed_recorded[r] else 0, st.copied[r])
+            # On the copy stream: wait until ring buffer r is free (the call's first copies: free since
+            # the previous call's segment on it, or since the call's start), fill it, mark it filled.
+            if j < RING_BUFFERS:
+                wait = st.fork if forked else (st.freed[r] if st.freed_recorded[r] else 0)
+            else:
+                wait = st.freed[r]
+            _C.copy_async(st.views[r][j], sources[j], st.copy_stream, wait, st.copied[r])
 
         def unalias(value: Any) -> Any:
             """An output that views a ring buffer (a transposed weight, say) must outlive the buffer."""

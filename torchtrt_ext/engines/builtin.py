@@ -149,6 +149,8 @@ class BuiltinEngine(Engine):
             # Segments compiled one by one; the weights go to pinned host masters (the table then holds
             # no device memory of the model's), and a placement picks what stays resident.
             self._streamed = StreamedProgram(lifted, device)
+            if settings.cuda_graphs:
+                self._streamed.on_placement_change = self._runner.clear_graphs
             self._table = []
             self.compile_seconds = time.perf_counter() - start
             self._streamed.place(parse_budget(settings.weight_streaming_budget, self._streamed.total_bytes, device))
@@ -191,12 +193,18 @@ class BuiltinEngine(Engine):
             track=self.settings.refit_double_buffer,
         )
 
+    def __call__(self, *inputs: Any) -> list[torch.Tensor]:
+        if self._streamed is None:
+            return self._run(self._execute, inputs)
+        with self._streamed.calling():  # around the runtime call: a CUDA-graph replay counts too
+            return self._run(self._execute, inputs)
+
     def _execute(self, inputs: tuple[Any, ...], slot: int) -> list[torch.Tensor]:
         """What the runtime does with the bound arguments, in Python (used when nothing is bound)."""
         if len(inputs) != len(self._input_positions):
             raise TorchTRTExtError(f"the engine takes {len(self._input_positions)} inputs, got {len(inputs)}")
         if self._streamed is not None:
-            return self._streamed.run(inputs, slot)
+            return self._streamed._run(inputs, slot)  # inside calling(), from __call__
         args = self._arguments()
         for position, value in zip(self._input_positions, inputs):
             args[position] = value

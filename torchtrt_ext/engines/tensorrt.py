@@ -66,6 +66,12 @@ def compile_settings(settings, tensorrt_version: str) -> dict:
             "streams its weights (fixed in 10.8): use refit='identical' (REFIT_IDENTICAL works with weight "
             "streaming), refit='none', or TensorRT >= 10.8"
         )
+    if settings.weight_streaming and settings.cuda_graphs:
+        raise OptionError(
+            "the TensorRT engine does not capture weight streaming in CUDA graphs (TensorRT streams the weights "
+            "itself, and torchtrt_ext has not been tested capturing that): use engine='builtin', or drop one of "
+            "cuda_graphs and weight_streaming"
+        )
     return {
         "immutable_weights": settings.refit == "none",
         "refit_identical_engine_weights": settings.refit == "identical",
