@@ -148,15 +148,15 @@ def test_streamed_cuda_graphs_equal_the_resident_engine_at_every_budget_and_afte
     with torch.no_grad(), torchtrt_ext.weight_streaming(streamed) as ws:
         for percent in BUDGETS:
             ws.device_budget = f"{percent}%"
-            assert engine._runner.graphs_captured() == 0
+            assert engine._runner.graphs_captured == 0
             torchtrt_ext.refit(resident, zoo.build(name, "cuda").state_dict())
             torchtrt_ext.refit(streamed, zoo.build(name, "cpu").state_dict())
             for _ in range(3):  # capture, then replays
                 zoo.assert_matches(streamed(*args, **kwargs), resident(*args, **kwargs), torch.float32)
-            assert engine._runner.graphs_captured() == 1
+            assert engine._runner.graphs_captured == 1
             torchtrt_ext.refit(resident, new_cuda.state_dict())
             torchtrt_ext.refit(streamed, new_cuda.state_dict())  # in place: the graph stays
-            assert engine._runner.graphs_captured() == 1
+            assert engine._runner.graphs_captured == 1
             zoo.assert_matches(streamed(*args, **kwargs), new_cuda(*args, **kwargs), torch.float32)
             other = zoo.inputs(name, 4, "cuda")  # new random values, same signature: the same graph
             zoo.assert_matches(streamed(*other[0], **other[1]), new_cuda(*other[0], **other[1]), torch.float32)
@@ -194,6 +194,10 @@ def test_streamed_cuda_graph_replays_on_another_thread_while_the_budget_changes(
     thread.join()
     assert not errors, errors[0]
     assert calls[0] > 0
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(streamed(*args), expected, rtol=1e-4, atol=1e-4)
+    assert streamed.engines[0]._runner.graphs_captured >= 1  # captured, not run without graphs
 
 
 class _Deep(torch.nn.Module):

@@ -596,6 +596,9 @@ class StreamedProgram:
         forked = capturing or st.captured
         if forked:
             _C.current_record(device, st.fork)
+        # Per ring buffer, what its next copy waits for: the end of its last reader, which is a segment
+        # of this call once one has read it, else of an earlier call (or, forked, the call's start).
+        free = [st.fork if forked else (st.freed[r] if st.freed_recorded[r] else 0) for r in range(RING_BUFFERS)]
 
         def issue(j: int) -> None:
             if not streamed_at[j]:
@@ -605,13 +608,8 @@ class StreamedProgram:
                 for view, src in zip(st.views[r][j], sources[j]):
                     view.copy_(src)
                 return
-            # On the copy stream: wait until ring buffer r is free (the call's first copies: free since
-            # the previous call's segment on it, or since the call's start), fill it, mark it filled.
-            if j < RING_BUFFERS:
-                wait = st.fork if forked else (st.freed[r] if st.freed_recorded[r] else 0)
-            else:
-                wait = st.freed[r]
-            _C.copy_async(st.views[r][j], sources[j], st.copy_stream, wait, st.copied[r])
+            # On the copy stream: wait until ring buffer r is free, fill it, mark it filled.
+            _C.copy_async(st.views[r][j], sources[j], st.copy_stream, free[r], st.copied[r])
 
         def unalias(value: Any) -> Any:
             """An output that views a ring buffer (a transposed weight, say) must outlive the buffer."""
@@ -645,6 +643,7 @@ class StreamedProgram:
                     if streamed and cuda:  # also after an error: later copies must not overtake this segment
                         _C.current_record(device, st.freed[k % RING_BUFFERS])
                         st.freed_recorded[k % RING_BUFFERS] = True
+                        free[k % RING_BUFFERS] = st.freed[k % RING_BUFFERS]
                 if k + RING_BUFFERS < n:
                     issue(k + RING_BUFFERS)
             for x in self._release[i]:
