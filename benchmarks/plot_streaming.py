@@ -10,7 +10,7 @@ import json
 import math
 import sys
 
-W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 400, 70, 170, 40, 50
+W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 400, 70, 230, 40, 50
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
