@@ -182,20 +182,25 @@ def run_cache(device: torch.device, quick: bool = False) -> list[dict]:
 
 def _cache_rows(quick: bool) -> list[dict]:
     """First and second process compiling the Llama-style model with one cache_dir; each process has
-    its own empty Inductor and Triton caches, so only the engine cache is shared. Twice: with Python as
-    the machine sets it, and with Python's own default of caching bytecode (the GPU machine sets
-    PYTHONDONTWRITEBYTECODE=1, so every process compiles the ~500 modules of torch it imports from
-    source, ~1.9 s of a hit in a profile; a deployed Python keeps their bytecode)."""
+    its own empty Inductor cache, so Inductor's own caches cannot stand in for the engine cache. Three
+    settings:
+    * bare: Python as the GPU machine sets it (PYTHONDONTWRITEBYTECODE=1: every process compiles the
+      ~500 modules of torch it imports from source, ~1.9 s of a hit in a profile) and each process its
+      own empty Triton cache (a hit builds Triton's driver and launcher stubs with gcc, ~1.1 s);
+    * bytecode cached: Python's default (pip writes bytecode at install; here process 1 writes it);
+    * one machine: bytecode cached and Triton's cache shared, as two processes on one host share
+      ~/.triton/cache. What process 2 can take from it beyond the entry is the stubs: the entry
+      carries the compiled kernels, and a hit writes them into Triton's cache itself."""
     if quick:
         return []
     rows = []
-    for bytecode in (False, True):
+    settings = [("", False, False), (" (bytecode cached)", True, False), (" (one machine: bytecode and Triton cache shared)", True, True)]
+    for label, bytecode, shared_triton in settings:
         folder = tempfile.mkdtemp(prefix="torchtrt_ext_cache_")
         times = []
-        label = " (bytecode cached)" if bytecode else ""
         for run in (1, 2):
             env = {**os.environ, "PYTHONPATH": os.getcwd(), "TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, f"inductor{run}"),
-                   "TRITON_CACHE_DIR": os.path.join(folder, f"triton{run}")}
+                   "TRITON_CACHE_DIR": os.path.join(folder, "triton" if shared_triton else f"triton{run}")}
             if bytecode:
                 env.pop("PYTHONDONTWRITEBYTECODE", None)
                 env["PYTHONPYCACHEPREFIX"] = os.path.join(folder, "pycache")  # written by process 1
