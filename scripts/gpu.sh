@@ -43,7 +43,7 @@ for s in $STEPS; do
       step tests bash -c "for f in ${TESTS:-tests/test_backend.py tests/test_wrapper.py tests/test_cuda.py tests/test_streams.py tests/test_refit.py tests/test_refit_hot.py tests/test_streaming.py tests/test_files.py}; do echo \"--- \$f\"; \
         $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE \$f; done" ;;
     bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit
-      step bench bash -c "for b in ${BENCHMARKS:-engine_llama:240 engine_resnet50:200 streams:100 refit:200 streaming:400 files:500}; do \
+      step bench bash -c "for b in ${BENCHMARKS:-engine_llama:240 engine_resnet50:200 streams:100 refit:200 streaming:450 files:300 engine_cache:420}; do \
         echo \"--- \${b%%:*}\"; timeout \${b##*:} $PY -m benchmarks \${b%%:*} --out $OUT ${BENCH_ARGS:-}; echo \"\${b%%:*} rc=\$?\"; done" ;;
     stress)
       step stress $PY -m tests.stress_streams --calls 10000 --threads 4 ;;
