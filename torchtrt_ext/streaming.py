@@ -230,7 +230,9 @@ class _SlotState:
         if copy_stream is not None:
             self.copied = [_C.create_event(device_index) for _ in range(RING_BUFFERS)]
             self.freed = [_C.create_event(device_index) for _ in range(RING_BUFFERS)]
-        self.freed_recorded = [False] * RING_BUFFERS
+        # Per ring buffer, what its next copy waits for: the freed event once a segment has recorded it
+        # (the end of the buffer's last reader), 0 before any has.
+        self.free = [0] * RING_BUFFERS
         # Recorded on the caller's stream at the start of a call whose first copies must follow all the
         # caller's work so far: under capture (how the copy stream joins it), and in every call once the
         # slot has been captured (its freed events were last recorded inside a capture, where a record
@@ -596,9 +598,9 @@ class StreamedProgram:
         forked = capturing or st.captured
         if forked:
             _C.current_record(device, st.fork)
-        # Per ring buffer, what its next copy waits for: the end of its last reader, which is a segment
-        # of this call once one has read it, else of an earlier call (or, forked, the call's start).
-        free = [st.fork if forked else (st.freed[r] if st.freed_recorded[r] else 0) for r in range(RING_BUFFERS)]
+        # What each ring buffer's next copy waits for (see _SlotState.free), updated by this call's
+        # segments. A forked call starts from its own start and keeps its fences to itself.
+        free = [st.fork] * RING_BUFFERS if forked else st.free
 
         def issue(j: int) -> None:
             if not streamed_at[j]:
@@ -642,7 +644,6 @@ class StreamedProgram:
                 finally:
                     if streamed and cuda:  # also after an error: later copies must not overtake this segment
                         _C.current_record(device, st.freed[k % RING_BUFFERS])
-                        st.freed_recorded[k % RING_BUFFERS] = True
                         free[k % RING_BUFFERS] = st.freed[k % RING_BUFFERS]
                 if k + RING_BUFFERS < n:
                     issue(k + RING_BUFFERS)
