@@ -6,28 +6,91 @@ importing torchtrt_ext) and again on ``import torchtrt_ext``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import operator
+import threading
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import lifting, registry
 from .engines import Engine, build_engine
-from .errors import OptionError
+from .errors import OptionError, TorchTRTExtError
 from .settings import Settings
 
 BACKEND_NAME = "torchtrt_ext"
 
 
 class DynamoGraph:
-    """What the backend hands back to dynamo: picks the caller's inputs out of dynamo's argument list
-    (which also carries the module's weights) and runs the engine, which uses its own weight table."""
+    """What the backend hands back to dynamo: runs the engine on the caller's inputs, picked out of
+    dynamo's argument list, which also carries the module's weights.
 
-    def __init__(self, engine: Engine, input_positions: Sequence[int]):
-        self.engine = engine
-        self._input_positions = tuple(input_positions)
+    Dynamo reuses one compiled graph for every module whose code and weight shapes match: after a
+    graph break inside a layer, each layer of a stack calls the same graph with its own weights. So the
+    weights in each call choose the engine: one per set of weight tensors, all running the same
+    compiled code (a weight-streaming engine, which owns its weights' copies, is built anew). Running
+    layer 0's weights for every layer was BART's wrong fp16 output."""
+
+    def __init__(self, lifted: lifting.LiftedGraph, settings: Settings):
+        self._settings = settings
+        self._input_positions = tuple(lifted.input_positions)
+        self._weights = [(w.position, w.name) for w in lifted.weights]
+        self._pick_weights = _picker([w.position for w in lifted.weights])
+        self._pick_inputs = _picker(self._input_positions)
+        # A streamed engine is compiled anew for other weights: keep the graph for that (nothing else
+        # of the first call, so that its inputs are not held).
+        self._gm = lifted.gm if settings.weight_streaming else None
+        engine = build_engine(lifted, settings)
+        registry.add(engine, [w.tensor for w in lifted.weights])
+        weights = self._pick_weights(lifted.example_args)
+        self.engine = engine  # the first: the one built for the weights of the first call
+        self._by_weights: dict[tuple[int, ...], tuple[Engine, tuple]] = {tuple(map(id, weights)): (engine, weights)}
+        self._last = (engine, weights)
+        self._lock = threading.Lock()
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [engine for engine, _ in self._by_weights.values()]
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
-        return self.engine(*[args[i] for i in self._input_positions])
+        engine, weights = self._last
+        if not all(map(operator.is_, self._pick_weights(args), weights)):
+            engine = self._engine_for(args)
+        return engine(*self._pick_inputs(args))
+
+    def _engine_for(self, args: Sequence[Any]) -> Engine:
+        weights = self._pick_weights(args)
+        key = tuple(map(id, weights))
+        with self._lock:  # concurrent first calls with new weights build one engine
+            found = self._by_weights.get(key)
+            if found is None or not all(map(operator.is_, weights, found[1])):
+                found = (self._build_for(args, weights), weights)
+                self._by_weights[key] = found
+            self._last = found
+            return found[0]
+
+    def _build_for(self, args: Sequence[Any], weights: tuple) -> Engine:
+        first = self.engine.weight_tensors()
+        for (position, name), new, old in zip(self._weights, weights, first):
+            if not isinstance(new, torch.Tensor) or (new.shape, new.dtype, new.device) != (old.shape, old.dtype, old.device):
+                raise TorchTRTExtError(  # dynamo guards these; a mismatch means a graph reused beyond its guards
+                    f"dynamo reused a compiled graph with weight {name!r} (argument {position}) of another "
+                    f"shape, dtype or device than it was compiled for ({tuple(old.shape)} {old.dtype} on {old.device})"
+                )
+        slots = [lifting.WeightSlot(position, name, tensor) for (position, name), tensor in zip(self._weights, weights)]
+        lifted = lifting.LiftedGraph(self._gm, list(args), slots, list(self._input_positions))
+        engine = build_engine(lifted, self._settings, like=self.engine)
+        registry.add(engine, list(weights))
+        return engine
+
+
+def _picker(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple]:
+    """A function taking the items at `positions` of a sequence, as a tuple (fast: itemgetter)."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda args: (args[only],)
+    return operator.itemgetter(*positions)
 
 
 def torchtrt_ext_backend(
@@ -42,10 +105,7 @@ def torchtrt_ext_backend(
             "(torch.compile's mode= is not used by this backend)"
         )
     settings = options if isinstance(options, Settings) else Settings.from_options(options, for_backend=True)
-    lifted = lifting.from_dynamo(gm, example_inputs)
-    engine = build_engine(lifted, settings)
-    registry.add(engine, [w.tensor for w in lifted.weights])
-    return DynamoGraph(engine, lifted.input_positions)
+    return DynamoGraph(lifting.from_dynamo(gm, example_inputs), settings)
 
 
 def register() -> None:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 from .errors import TorchTRTExtError
 
@@ -67,6 +68,19 @@ def bind(description: dict, tensors: Mapping[str, torch.Tensor], inputs: Sequenc
     for position, value in zip(positions, inputs):
         example_args[position] = value
     return LiftedGraph(None, example_args, weights, positions)
+
+
+def graph_devices(gm: torch.fx.GraphModule | None) -> set[torch.device]:
+    """Every device that a tensor of the graph lives on, read from the values recorded on its nodes
+    (placeholders, computed values, outputs); empty without a graph."""
+    if gm is None:
+        return set()
+    devices: set[torch.device] = set()
+    for node in gm.graph.nodes:
+        for value in pytree.tree_leaves(node.meta.get("val", node.meta.get("example_value"))):
+            if isinstance(value, torch.Tensor):
+                devices.add(value.device)
+    return devices
 
 
 def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
@@ -51,23 +51,30 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
     from .wrapper import CompiledModule
 
     start = time.perf_counter()
-    engines, model_names, required = _engines_of(compiled)
+    engines, indexes, model_names, required = _engines_of(compiled)
+    eager_module = _eager_parts_of(compiled)
     with contextlib.ExitStack() as held, open_weights(weights) as source:
         if isinstance(compiled, CompiledModule):
             held.enter_context(compiled._weights_lock)  # the wrapper's auto-refit waits, then sees this
             compiled._follow_weights()  # changes to the model made before this refit come first
         for engine in sorted(engines, key=id):  # one order everywhere: no deadlock between refits
             held.enter_context(engine.refit_lock)
-        plan, unused, missing = _plan(engines, source, strict, model_names, required)
+        plan, unused, missing = _plan(engines, indexes, source, strict, model_names, required)
+        eager = _eager_writes(eager_module, source, unused) if eager_module is not None else {}
         written = 0
         for engine, values in plan:
             engine.load_weights(values)
             written += sum(v.nbytes for v in values.values())
+        with torch.no_grad():
+            for name, (target, value) in eager.items():
+                target.copy_(value, non_blocking=True)
+                written += target.nbytes
+        unused = unused - set(eager)
         if isinstance(compiled, CompiledModule):
             compiled._watch.accept_all()  # what the model holds now is what the engines were given
             if not missing & required:  # stripped files keep the rest (constants, non-persistent buffers)
                 compiled._weights_missing = False  # a stripped module is complete once every weight came
-    updated = sorted(_names_loaded(plan))
+    updated = sorted(_names_loaded(plan, indexes) | set(eager))
     return RefitReport(
         updated=tuple(updated),
         unused=tuple(sorted(unused)),
@@ -78,31 +85,70 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
     )
 
 
-def _names_loaded(plan: list[tuple[Engine, dict[int, torch.Tensor]]]) -> set[str]:
+def _eager_parts_of(compiled: Any) -> torch.nn.Module | None:
+    """The model whose code dynamo may run partly in eager mode (a frame it skipped, such as a loop
+    with a graph break inside): its own tensors must take the new values too. None elsewhere."""
+    from .wrapper import CompiledModule
+
+    if isinstance(compiled, CompiledModule):
+        return compiled.original if compiled.uses_dynamo else None
+    if isinstance(compiled, torch.nn.Module):
+        return getattr(compiled, "_orig_mod", compiled)
+    return None
+
+
+def _eager_writes(module: torch.nn.Module, source: WeightSource, names: Collection[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The model tensors that no engine holds, among `names`, with their new values; checked first."""
+    own = dict(module.named_parameters(remove_duplicate=False))
+    own.update(module.named_buffers(remove_duplicate=False))
+    writes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    failures: dict[str, str] = {}
+    for name in sorted(set(names) & set(own)):
+        value = source.tensor(name)
+        problem = weight_mismatch(value.shape, value.dtype, own[name])
+        if problem:
+            failures[name] = problem
+        else:
+            writes[name] = (own[name].detach(), value)
+    if failures:
+        raise RefitError(_failure_message(failures), failures)
+    return writes
+
+
+def _names_loaded(plan: list[tuple[Engine, dict[int, torch.Tensor]]], indexes: Sequence[Mapping[str, int]]) -> set[str]:
     names: set[str] = set()
-    for engine, values in plan:
-        names.update(name for name, index in engine.weight_index().items() if index in values)
+    for (engine, values), index_of in zip(plan, indexes):
+        names.update(name for name, index in index_of.items() if index in values)
     return names
 
 
-def _engines_of(compiled: Any) -> tuple[list[Engine], Collection[str] | None, Collection[str] | None]:
-    """The engines to refit; where a model is known, its parameter and buffer names, and its state_dict
-    names (strict refits need those; non-persistent buffers and constants keep their values)."""
+def _engines_of(
+    compiled: Any,
+) -> tuple[list[Engine], list[Mapping[str, int]], Collection[str] | None, Collection[str] | None]:
+    """The engines to refit and each one's weight names (name -> weight index); where a model is known,
+    its parameter and buffer names, and its state_dict names (strict refits need those; non-persistent
+    buffers and constants keep their values).
+
+    Engines that dynamo built know their weights by names relative to the frame it captured (a layer's
+    own forward, after a graph break): for a model, each engine's weights are named by the model's own
+    names, matched by tensor (registry.names_in)."""
     from .wrapper import CompiledModule
 
     if isinstance(compiled, Engine):
-        return [compiled], None, None
+        return [compiled], [compiled.weight_index()], None, None
     if isinstance(compiled, (list, tuple)) and compiled and all(isinstance(e, Engine) for e in compiled):
-        return list(compiled), None, None
+        return list(compiled), [e.weight_index() for e in compiled], None, None
     if isinstance(compiled, CompiledModule):
         engines, module, names = compiled.engines, compiled.original, compiled.weight_names
         required = compiled.state_dict_names
+        by_tensor = compiled.uses_dynamo
     elif isinstance(compiled, torch.nn.Module):
         module = getattr(compiled, "_orig_mod", compiled)  # torch.compile's OptimizedModule
         engines = registry.engines_of(module)
         names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
         names.update(n for n, _ in module.named_buffers(remove_duplicate=False))
         required = frozenset(module.state_dict(keep_vars=True))
+        by_tensor = True
     else:
         raise TypeError(
             "refit takes what torchtrt_ext.compile returned, a module compiled with "
@@ -113,11 +159,13 @@ def _engines_of(compiled: Any) -> tuple[list[Engine], Collection[str] | None, Co
             f"{type(module).__name__} has no torchtrt_ext engines yet: they are built at the first call "
             "(or from example_inputs); call the compiled module once before refitting"
         )
-    return engines, names, required
+    indexes = [registry.names_in(e, module) if by_tensor else e.weight_index() for e in engines]
+    return engines, indexes, names, required
 
 
 def _plan(
     engines: Sequence[Engine],
+    indexes: Sequence[Mapping[str, int]],
     source: WeightSource,
     strict: bool,
     model_names: Collection[str] | None,
@@ -132,8 +180,8 @@ def _plan(
             )
     given = set(source.names())
     engine_names: set[str] = set()
-    for engine in engines:
-        engine_names.update(engine.weight_index())
+    for index_of in indexes:
+        engine_names.update(index_of)
     missing = engine_names - given
     unused = given - engine_names
     if strict:
@@ -155,11 +203,11 @@ def _plan(
     # delays the copies (a refit from CUDA tensors is otherwise ~1.1x a plain copy), so it is kept lean.
     plan: list[tuple[Engine, dict[int, torch.Tensor]]] = []
     loaded: dict[str, torch.Tensor] = {}
-    for engine in engines:
+    for engine, index_of in zip(engines, indexes):
         current = engine.weight_tensors()
         identical = engine.settings.refit == "identical"
         chosen: dict[int, tuple[str, torch.Tensor]] = {}
-        for name, index, shape, dtype in _targets(engine, current):
+        for name, index, shape, dtype in _targets(engine, index_of, current):
             spec = specs.get(name)
             if spec is None:
                 continue
@@ -189,10 +237,11 @@ def _plan(
     return plan, unused, missing
 
 
-def _targets(engine: Engine, current: Sequence[torch.Tensor]) -> list[tuple[str, int, torch.Size, torch.dtype]]:
+def _targets(
+    engine: Engine, index: Mapping[str, int], current: Sequence[torch.Tensor]
+) -> list[tuple[str, int, torch.Size, torch.dtype]]:
     """(name, index, shape, dtype) of each engine weight; kept on the engine, as an engine's weights
     never change shape or dtype (rebuilt should the weight index or the table's length change)."""
-    index = engine.weight_index()
     cached = getattr(engine, "_refit_targets", None)
     if cached is not None and cached[0] is index and cached[1] == len(current):
         return cached[2]

@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -154,8 +154,9 @@ class CompiledModule(torch.nn.Module):
                 current[self._watched_names[i]] = value
         engines = self.engines
         problems: dict[str, str] = {}
-        for engine in engines:  # everything checked before any engine changes
-            index, tensors = engine.weight_index(), engine.weight_tensors()
+        indexes = [self.weight_names_of(engine) for engine in engines]
+        for engine, index in zip(engines, indexes):  # everything checked before any engine changes
+            tensors = engine.weight_tensors()
             any_device = engine.settings.weight_streaming  # the engine copies weights from anywhere
             for name, t in current.items():
                 if name in index and not _follows(t, tensors[index[name]], any_device):
@@ -171,8 +172,7 @@ class CompiledModule(torch.nn.Module):
                 + "\n".join(f"  {n}: {p}" for n, p in sorted(problems.items())),
                 problems,
             )
-        for engine in engines:
-            index = engine.weight_index()
+        for engine, index in zip(engines, indexes):
             with engine.refit_lock:
                 engine.follow({index[name]: t for name, t in current.items() if name in index})
             registry.add(engine, list(engine.weight_tensors()))
@@ -187,6 +187,16 @@ class CompiledModule(torch.nn.Module):
     @property
     def original(self) -> torch.nn.Module:
         return self.__dict__["_original"]
+
+    @property
+    def uses_dynamo(self) -> bool:
+        """Whether calls go through dynamo (frontend='dynamo', or export could not capture the model)."""
+        return self._dynamo is not None
+
+    def weight_names_of(self, engine: Engine) -> Mapping[str, int]:
+        """The model's names of an engine's weights (name -> weight index). Dynamo's engines name them
+        relative to the frame it captured, so they are matched by tensor."""
+        return registry.names_in(engine, self.original) if self._dynamo is not None else engine.weight_index()
 
     @property
     def engines(self) -> list[Engine]:
@@ -422,7 +432,9 @@ class CompiledModule(torch.nn.Module):
 
     def _use_dynamo(self) -> None:
         backend = functools.partial(torchtrt_ext_backend, options=self.settings)
-        self._dynamo = torch.compile(self.original, backend=backend)
+        # In __dict__, never as a submodule: the wrapper shares the original's _modules, and the
+        # OptimizedModule holds the original, so a child there made the user's model contain itself.
+        self.__dict__["_dynamo"] = torch.compile(self.original, backend=backend)
 
     def _check_devices(self, flat: Sequence[Any]) -> None:
         weight = next(itertools.chain(self.original.parameters(), self.original.buffers()), None)

@@ -43,9 +43,18 @@ def _say_once(message: str) -> None:
         log.info(message)
 
 
-def build_engine(lifted: LiftedGraph, settings: Settings, artifact: bytes | None = None, keep_artifact: bool = False) -> Engine:
-    """artifact / keep_artifact: see BuiltinEngine (the engine cache's compiled code, saved whole)."""
+def build_engine(
+    lifted: LiftedGraph,
+    settings: Settings,
+    artifact: bytes | None = None,
+    keep_artifact: bool = False,
+    like: Engine | None = None,
+) -> Engine:
+    """artifact / keep_artifact: see BuiltinEngine (the engine cache's compiled code, saved whole).
+    like: an engine of the same graph; the new one computes with lifted's weights, sharing the compiled
+    code where the engine kind can (a resident built-in engine), else compiled anew."""
     kind = resolve_kind(settings)
     if kind == "builtin":
-        return BuiltinEngine(lifted, settings, artifact, keep_artifact)
+        share = like if isinstance(like, BuiltinEngine) and not settings.weight_streaming else None
+        return BuiltinEngine(lifted, settings, artifact, keep_artifact, compiled_from=share)
     raise EngineUnavailableError(f"engine kind {kind!r} is not available")  # pragma: no cover

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import RefitError, TorchTRTExtError
 from ..inductor import CONFIG_PATCHES, compile_graph
+from .. import lifting
 from ..lifting import LiftedGraph
 from ..settings import Settings
 from ..streaming import StreamedProgram, parse_budget
@@ -26,25 +27,49 @@ log = logging.getLogger("torchtrt_ext")
 
 
 def engine_device(lifted: LiftedGraph) -> torch.device:
-    """The one device holding the weights (0-dim CPU tensors excepted), else that of the inputs."""
-    devices: dict[torch.device, list[str]] = {}
+    """The device the compiled code runs on. The weights must be on one device (0-dim CPU tensors
+    excepted); the engine runs on the one accelerator that any tensor of the graph lives on (its
+    weights, inputs, and every value it computes, such as a tensor made with device='cuda' from CPU
+    inputs), else on the weights' device, else on the CPU. Classing an engine by its weights or first
+    input alone put a graph that holds no weights on the CPU while it computed on CUDA."""
+    weight_devices: dict[torch.device, list[str]] = {}
     for w in lifted.weights:
-        if w.tensor.device.type == "cpu" and w.tensor.dim() == 0:
-            continue
-        devices.setdefault(w.tensor.device, []).append(w.name)
-    if len(devices) > 1:
-        listing = "; ".join(f"{d}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for d, names in devices.items())
+        if not (w.tensor.device.type == "cpu" and w.tensor.dim() == 0):
+            weight_devices.setdefault(w.tensor.device, []).append(w.name)
+    if len(weight_devices) > 1:
         raise TorchTRTExtError(
-            f"the model's weights are on several devices ({listing}); an engine runs on one device: "
-            "move the model with .to(device) before compiling"
+            f"the model's weights are on several devices ({_listing(weight_devices)}); an engine runs on one "
+            "device: move the model with .to(device) before compiling"
         )
-    if devices:
-        return next(iter(devices))
-    for i in lifted.input_positions:
-        value = lifted.example_args[i]
-        if isinstance(value, torch.Tensor) and not (value.device.type == "cpu" and value.dim() == 0):
-            return value.device
-    return torch.device("cpu")
+    accelerators: dict[torch.device, list[str]] = {}
+    for device, names in weight_devices.items():
+        if device.type != "cpu":
+            accelerators.setdefault(_indexed(device), []).extend(names)
+    for position in lifted.input_positions:
+        value = lifted.example_args[position]
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            accelerators.setdefault(_indexed(value.device), []).append(f"input {position}")
+    for device in lifting.graph_devices(lifted.gm):
+        if device.type != "cpu":
+            accelerators.setdefault(_indexed(device), []).append("values the graph computes")
+    if len(accelerators) > 1:
+        raise TorchTRTExtError(
+            f"the graph uses several devices ({_listing(accelerators)}); an engine runs on one device: move "
+            "the model with .to(device) and pass the inputs on that device"
+        )
+    if accelerators:
+        return next(iter(accelerators))
+    return next(iter(weight_devices), torch.device("cpu"))
+
+
+def _listing(devices: dict[torch.device, list[str]]) -> str:
+    return "; ".join(f"{d}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for d, names in devices.items())
+
+
+def _indexed(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _streaming_device(lifted: LiftedGraph) -> torch.device:
@@ -116,10 +141,19 @@ def _load_artifact(data: bytes) -> Any:
 class BuiltinEngine(Engine):
     kind = "builtin"
 
-    def __init__(self, lifted: LiftedGraph, settings: Settings, artifact: bytes | None = None, keep_artifact: bool = False):
+    def __init__(
+        self,
+        lifted: LiftedGraph,
+        settings: Settings,
+        artifact: bytes | None = None,
+        keep_artifact: bool = False,
+        compiled_from: "BuiltinEngine | None" = None,
+    ):
         """artifact: compiled code saved whole (Engine.artifact of an engine built before, from an
         engine cache entry): loaded and run; lifted.gm may then be None. keep_artifact: compile so that
-        self.artifact holds the code saved whole (None, with a warning, where Inductor cannot save it)."""
+        self.artifact holds the code saved whole (None, with a warning, where Inductor cannot save it).
+        compiled_from: a resident engine of the same graph whose compiled code this one runs with its
+        own weights (lifted's), without compiling."""
         if settings.weight_streaming and (artifact is not None or keep_artifact):
             raise TorchTRTExtError("weight-streaming engines are compiled per segment; they have no compiled artifact")
         device = _streaming_device(lifted) if settings.weight_streaming else engine_device(lifted)
@@ -155,7 +189,10 @@ class BuiltinEngine(Engine):
             self.compile_seconds = time.perf_counter() - start
             self._streamed.place(parse_budget(settings.weight_streaming_budget, self._streamed.total_bytes, device))
         else:
-            if artifact is not None:
+            if compiled_from is not None:
+                self._compiled = compiled_from._compiled
+                self.artifact = compiled_from.artifact
+            elif artifact is not None:
                 self._compiled = _load_artifact(artifact)
                 self.artifact = artifact
             else:
@@ -171,7 +208,7 @@ class BuiltinEngine(Engine):
             len(self._table),
             mem.weight_bytes / 2**20,
             "shared with the model, no copy" if mem.owned_bytes == 0 else f"{mem.owned_bytes / 2**20:.1f} MiB copied",
-            "compiled code loaded in" if artifact is not None else "Inductor compile",
+            "compiled code shared" if compiled_from is not None else "compiled code loaded in" if artifact is not None else "Inductor compile",
             self.compile_seconds,
         )
 
