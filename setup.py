@@ -1,4 +1,4 @@
-"""Build torchtrt_ext and its C++ runtime (torchtrt_ext._C).
+"""Build torchtrt_ext and its C++ runtime (torchtrt_ext.core._C).
 
 torch is not a build dependency: install with ``pip install --no-build-isolation .`` into an
 environment that already has torch, so pip does not pull a multi-GB CUDA torch into an isolated build
@@ -38,18 +38,24 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    sources = ["csrc/runtime.cpp"]
-    depends = ["csrc/stream_bridge.h"]
+    # Both builds compile `sources`; the CUDA build adds `cuda_sources`, the CPU build compiles
+    # csrc/cpu_stubs.cpp (the same entry points, refusing CUDA work) in their place.
+    sources = ["csrc/module.cpp", "csrc/runner.cpp", "csrc/weight_watch.cpp"]
+    cuda_sources = ["csrc/runner_cuda.cpp", "csrc/graphs.cpp", "csrc/copies.cpp", "csrc/batched_copy.cu"]
+    depends = ["csrc/common.h", "csrc/copies.h", "csrc/runner.h", "csrc/slots.h", "csrc/weight_watch.h"]
+    cuda_depends = ["csrc/stream_bridge.h", "csrc/graphs.h", "csrc/batched_copy.h"]
     cxx = ["-O3", "-std=c++17"]
     if _want_cuda():
         return CUDAExtension(
-            "torchtrt_ext._C",
-            [*sources, "csrc/batched_copy.cu"],  # its kernel needs nvcc: the CPU build has a stub in runtime.cpp
-            depends=[*depends, "csrc/batched_copy.h"],
+            "torchtrt_ext.core._C",
+            [*sources, *cuda_sources],
+            depends=[*depends, *cuda_depends],
             define_macros=[("TORCHTRT_EXT_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
         )
-    return CppExtension("torchtrt_ext._C", sources, depends=depends, extra_compile_args={"cxx": cxx})
+    return CppExtension(
+        "torchtrt_ext.core._C", [*sources, "csrc/cpu_stubs.cpp"], depends=depends, extra_compile_args={"cxx": cxx}
+    )
 
 
 setup(
@@ -58,12 +64,12 @@ setup(
     description="Stream-safe, refittable, weight-streaming inference engines for PyTorch",
     python_requires=">=3.11",
     packages=find_packages(include=["torchtrt_ext", "torchtrt_ext.*"]),
-    install_requires=["torch>=2.11"],
-    extras_require={"test": ["pytest>=7", "safetensors>=0.4", "numpy"]},  # safetensors writes through numpy
+    install_requires=["torch>=2.11", "safetensors>=0.4", "numpy"],  # numpy: torch warns at import without it
+    extras_require={"test": ["pytest>=7", "safetensors>=0.4", "numpy", "import-linter>=2", "transformers>=4.50"]},  # safetensors writes through numpy
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={
-        "torch_dynamo_backends": ["torchtrt_ext = torchtrt_ext.backend:torchtrt_ext_backend"],
+        "torch_dynamo_backends": ["torchtrt_ext = torchtrt_ext.frontends.backend:torchtrt_ext_backend"],
         "console_scripts": ["torchtrt-ext = torchtrt_ext.cli:main"],
     },
 )

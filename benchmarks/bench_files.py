@@ -39,8 +39,10 @@ with open("/proc/self/clear_refs", "w") as f:
 base = status("VmRSS:")
 start = time.perf_counter()
 if method == "ours (weights)":
-    from torchtrt_ext.files import read_programs
-    header, eps = read_programs(path)
+    from torchtrt_ext.operations.files import read
+    contents = read(path)
+    contents.load_inductor_cache()
+    eps = [contents.program(i) for i in range(len(contents.header.programs))]
 elif method == "ours (load + compile)":
     module = torchtrt_ext.load(path)
 elif method == "safetensors load_file":
@@ -137,8 +139,9 @@ _CACHE_PROBE = r"""
 import collections, functools, json, sys, time, torch, torchtrt_ext
 from benchmarks.models import LogitsOnly, llama
 from torch._dynamo.utils import counters
-from torchtrt_ext import engine_cache, files, wrapper
 from torchtrt_ext.engines import builtin
+from torchtrt_ext.frontends import capture, wrapper
+from torchtrt_ext.operations import engine_cache, files
 spent = collections.defaultdict(float)
 def timed(owner, name, label):  # where the time goes: the breakdown printed with the total
     original = getattr(owner, name)
@@ -153,7 +156,7 @@ def timed(owner, name, label):  # where the time goes: the breakdown printed wit
 timed(engine_cache, "key", "cache key")
 timed(files, "read", "read entry")
 timed(torch.export, "load", "torch.export.load")
-timed(wrapper.CompiledModule, "_export", "torch.export")
+timed(capture, "export", "torch.export")
 timed(builtin, "_compile", "Inductor compile")
 timed(builtin, "_load_artifact", "load compiled code")
 timed(wrapper.CompiledModule, "_store_in_cache", "write entry")
@@ -168,8 +171,8 @@ compiled(ids)
 torch.cuda.synchronize()
 spent["first call"] = time.perf_counter() - called
 seen = {k: dict(v) for k, v in counters.items() if k in ("aot_autograd", "inductor")}
-print(json.dumps({"seconds": time.perf_counter() - start, "hit": compiled._variants[0].from_cache,
-                  "compiled_code": compiled._variants[0].engine.artifact is not None,
+print(json.dumps({"seconds": time.perf_counter() - start, "hit": compiled.variants[0].from_cache,
+                  "compiled_code": compiled.variants[0].engine.artifact is not None,
                   "breakdown": {k: round(v, 2) for k, v in spent.items()},
                   "aot_cache": {k: v for k, v in seen.get("aot_autograd", {}).items() if "cache" in k},
                   "fx_cache": {k: v for k, v in seen.get("inductor", {}).items() if "fxgraph" in k}}))

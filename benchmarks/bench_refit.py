@@ -86,20 +86,11 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         host_s: dict[str, float] = {}
         for label, weights in [*sources.items(), ("safetensors file", path)]:
             refit_s[label], host_s[label] = step_and_host_s(lambda: torchtrt_ext.refit(compiled, weights), device, repeats)
-        if "cuda tensors" in sources:  # the default path without the one-kernel batched copy, in the same run
-            from torchtrt_ext.engines import builtin
-
-            was = builtin._BATCHED_COPY
-            builtin._BATCHED_COPY = False
-            try:
-                label = "cuda tensors (one copy_ each, batched copy off)"
-                refit_s[label], host_s[label] = step_and_host_s(lambda: torchtrt_ext.refit(compiled, sources["cuda tensors"]), device, repeats)
-                floors[label] = floors["cuda tensors"]
-            finally:
-                builtin._BATCHED_COPY = was
+        if "cuda tensors" in sources:
             # The copy kernel alone (no planning, no checks in Python): how much of a CUDA refit is the
-            # GPU's copy and how much the host's work before it.
-            from torchtrt_ext._runtime import _C
+            # GPU's copy and how much the host's work before it; and one copy_ per weight, the path
+            # the kernel replaced, over the same pairs.
+            from torchtrt_ext.core.runtime import _C
 
             engine = compiled.engines[0]
             table = engine.weight_tensors()
@@ -107,6 +98,14 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             dsts, srcs = [table[i] for i in pairs], list(pairs.values())
             label = "batched copy kernel alone (engine's tensors, no refit)"
             refit_s[label], host_s[label] = step_and_host_s(lambda: _C.batched_copy(dsts, srcs), device, repeats)
+            floors[label] = floors["cuda tensors"]
+
+            def one_copy_each() -> None:
+                for dst, src in zip(dsts, srcs):
+                    dst.copy_(src, non_blocking=True)
+
+            label = "one copy_ per weight (engine's tensors, no refit)"
+            refit_s[label], host_s[label] = step_and_host_s(one_copy_each, device, repeats)
             floors[label] = floors["cuda tensors"]
         # The engine computes with the last weights loaded (the file's): check against eager.
         out = compiled(example).float()

@@ -55,9 +55,7 @@ def _time_ms(fn, repeats: int) -> float:
 
 
 def _streamed_bytes(engine) -> int:
-    program = engine._streamed
-    sizes = [m.numel() * m.element_size() for m in program._masters]
-    return sum(sizes[w] for ws in program.placement.streamed for w in ws)
+    return engine.streamed_bytes
 
 
 def run(device: torch.device, quick: bool = False) -> list[dict]:
@@ -88,56 +86,56 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             compile_s = time.perf_counter() - start
             streamed_graphs = torchtrt_ext.compile(model, (ids,), weight_streaming=True, dynamic_batch=False, cuda_graphs=True)
             engine = streamed.engines[0]
-            with torchtrt_ext.weight_streaming(streamed) as ws, torchtrt_ext.weight_streaming(streamed_graphs) as ws_graphs:
-                for percent in BUDGETS:
-                    ws.device_budget = ws_graphs.device_budget = f"{percent}%"
-                    moved = _streamed_bytes(engine)
-                    assert moved == _streamed_bytes(streamed_graphs.engines[0])
-                    errors = {}
-                    for name, m in (("eager", streamed), ("graphs", streamed_graphs)):
-                        out = m(ids).float()
-                        out = m(ids).float()  # with graphs: a replay, not the capture run
-                        errors[name] = ((out - reference).norm() / reference.norm()).item()
-                    variants = {
-                        "streamed": lambda: streamed(ids),
-                        "resident": lambda: resident(ids),
-                        "streamed_graphs": lambda: streamed_graphs(ids),
-                        "resident_graphs": lambda: resident_graphs(ids),
-                    }
-                    if moved:
-                        variants["copy"] = lambda: copy_dst[:moved].copy_(pinned_src[:moved], non_blocking=True)
-                    timed = {k: (v[0] * 1e3, v[1] * 1e3) for k, v in step_and_host_interleaved_s(variants, device, 9).items()}
-                    t_copy = timed["copy"][0] if moved else 0.0
-                    profiled = _launch_profile(lambda: streamed(ids)) if percent == 100 else {}
-                    for mode, key, ref_key in (("eager", "streamed", "resident"), ("graphs", "streamed_graphs", "resident_graphs")):
-                        t, host = timed[key]
-                        t_res, host_res = timed[ref_key]
-                        floor = max(t_res, t_copy)
-                        rows.append(
-                            {
-                                "shape": f"{batch}x{tokens}",
-                                "budget": f"{percent}%",
-                                "cuda_graphs": mode == "graphs",
-                                "resident_MB": round(ws.resident_bytes / 1e6),
-                                "ring_MB": round(ws.ring_bytes / 1e6),
-                                "streamed_MB_per_step": round(moved / 1e6),
-                                "step_ms": round(t, 2),
-                                "floor_ms": round(floor, 2),
-                                "vs_floor": round(t / floor, 3),
-                                "host_ms": round(host, 2),
-                                "resident_engine_ms": round(t_res, 2),
-                                "resident_host_ms": round(host_res, 2),
-                                "copy_ms": round(t_copy, 2),
-                                "copy_GBps": round(moved / t_copy / 1e6, 1) if moved else None,
-                                "eager_ms": round(t_eager, 2),
-                                **(profiled if mode == "eager" else {}),
-                                **({"resident_" + k: v for k, v in resident_profile.items()} if percent == 100 and mode == "eager" else {}),
-                                "rel_err_vs_resident": round(errors[mode], 5),
-                                "segments": len(engine._streamed.segments),
-                                "compile_s": round(compile_s, 1),
-                            }
-                        )
-                        print(rows[-1], flush=True)
+            ws, ws_graphs = torchtrt_ext.weight_streaming(streamed), torchtrt_ext.weight_streaming(streamed_graphs)
+            for percent in BUDGETS:
+                ws.device_budget = ws_graphs.device_budget = f"{percent}%"
+                moved = _streamed_bytes(engine)
+                assert moved == _streamed_bytes(streamed_graphs.engines[0])
+                errors = {}
+                for name, m in (("eager", streamed), ("graphs", streamed_graphs)):
+                    out = m(ids).float()
+                    out = m(ids).float()  # with graphs: a replay, not the capture run
+                    errors[name] = ((out - reference).norm() / reference.norm()).item()
+                variants = {
+                    "streamed": lambda: streamed(ids),
+                    "resident": lambda: resident(ids),
+                    "streamed_graphs": lambda: streamed_graphs(ids),
+                    "resident_graphs": lambda: resident_graphs(ids),
+                }
+                if moved:
+                    variants["copy"] = lambda: copy_dst[:moved].copy_(pinned_src[:moved], non_blocking=True)
+                timed = {k: (v[0] * 1e3, v[1] * 1e3) for k, v in step_and_host_interleaved_s(variants, device, 9).items()}
+                t_copy = timed["copy"][0] if moved else 0.0
+                profiled = _launch_profile(lambda: streamed(ids)) if percent == 100 else {}
+                for mode, key, ref_key in (("eager", "streamed", "resident"), ("graphs", "streamed_graphs", "resident_graphs")):
+                    t, host = timed[key]
+                    t_res, host_res = timed[ref_key]
+                    floor = max(t_res, t_copy)
+                    rows.append(
+                        {
+                            "shape": f"{batch}x{tokens}",
+                            "budget": f"{percent}%",
+                            "cuda_graphs": mode == "graphs",
+                            "resident_MB": round(ws.resident_bytes / 1e6),
+                            "ring_MB": round(ws.ring_bytes / 1e6),
+                            "streamed_MB_per_step": round(moved / 1e6),
+                            "step_ms": round(t, 2),
+                            "floor_ms": round(floor, 2),
+                            "vs_floor": round(t / floor, 3),
+                            "host_ms": round(host, 2),
+                            "resident_engine_ms": round(t_res, 2),
+                            "resident_host_ms": round(host_res, 2),
+                            "copy_ms": round(t_copy, 2),
+                            "copy_GBps": round(moved / t_copy / 1e6, 1) if moved else None,
+                            "eager_ms": round(t_eager, 2),
+                            **(profiled if mode == "eager" else {}),
+                            **({"resident_" + k: v for k, v in resident_profile.items()} if percent == 100 and mode == "eager" else {}),
+                            "rel_err_vs_resident": round(errors[mode], 5),
+                            "segments": engine.segment_count,
+                            "compile_s": round(compile_s, 1),
+                        }
+                    )
+                    print(rows[-1], flush=True)
             del streamed, streamed_graphs, engine, resident, resident_graphs
             torch.cuda.empty_cache()
         del gpu_model, copy_dst

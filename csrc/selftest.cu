@@ -1,11 +1,12 @@
-// Standalone check of the runtime core (stream_bridge.h) for compute-sanitizer: no Python and none of
-// torch's kernels, so it starts in seconds under the sanitizer. It uses c10's streams and caching
-// allocator, as the extension does, and kernels of its own.
+// Standalone check of the runtime core (slots.h, stream_bridge.h) for compute-sanitizer: no Python and
+// none of torch's kernels, so it starts in seconds under the sanitizer. It uses c10's streams and
+// caching allocator, as the extension does, and kernels of its own.
 //
-// Threads call a toy "engine" (y = 2x + 1) through the bridge, exactly as runtime.cpp does: a producer
-// stream writes x, the caller's stream (a custom stream, or the legacy default stream, where the bridge
-// moves execution to a blocking side stream) runs the engine in an execution slot, and a consumer
-// stream checks every element of y. Cross-stream use is declared with recordStream, as torch asks.
+// Threads call a toy "engine" (y = 2x + 1) through the bridge, exactly as runner_cuda.cpp does: a
+// producer stream writes x, the caller's stream (a custom stream, or the legacy default stream, where
+// the bridge moves execution to a blocking side stream) runs the engine in an execution slot, and a
+// consumer stream checks every element of y. Cross-stream use is declared with recordStream, as torch
+// asks.
 //
 //   nvcc ... csrc/selftest.cu -o selftest && compute-sanitizer --tool memcheck ./selftest 4 400
 #include "stream_bridge.h"

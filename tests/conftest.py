@@ -20,3 +20,14 @@ def _fresh_dynamo():
 
 
 CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(autouse=True)
+def _inference_unless_marked(request):
+    """Engines compute inference: tests run under no_grad, as an inference user calls, unless marked
+    `grad` (those check what the wrapper does when gradients are needed)."""
+    if "grad" in request.keywords:
+        yield
+        return
+    with torch.no_grad():
+        yield

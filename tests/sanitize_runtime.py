@@ -13,7 +13,7 @@ import threading
 import torch
 
 from tests.stress_streams import cross_stream_call, run_threads
-from torchtrt_ext._runtime import Runner
+from torchtrt_ext.core.runtime import Runner
 
 
 def main(calls: int = 200, threads: int = 3) -> None:

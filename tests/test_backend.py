@@ -72,13 +72,24 @@ def test_dynamic_batch_reuses_one_engine_after_dynamo_marks_it_dynamic():
     assert len(torchtrt_ext.engines_of(model)) == 2
 
 
-def test_outputs_do_not_track_gradients_even_with_grad_enabled():
+@pytest.mark.grad
+def test_gradients_are_never_dropped_in_grad_mode_and_no_grad_uses_the_engine(caplog):
     model = zoo.build("mlp")
     compiled = _compile(model)
     x = torch.randn(4, 32, requires_grad=True)
-    out = compiled(x)
-    assert not out.requires_grad
-    zoo.assert_matches(out, model(x).detach(), torch.float32)
+    with caplog.at_level("WARNING", logger="torchtrt_ext"):
+        out = compiled(x)
+    assert out.requires_grad and "gradients are needed" in caplog.text
+    out.sum().backward()
+    assert model.fc1.weight.grad is not None and x.grad is not None
+    expected = model.fc1.weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(model.fc1.weight.grad, expected)
+    assert not torchtrt_ext.engines_of(model)
+    with torch.no_grad():
+        zoo.assert_matches(compiled(x), model(x), torch.float32)
+    assert len(torchtrt_ext.engines_of(model)) == 1
 
 
 def test_unknown_option_through_torch_compile_names_it():

@@ -68,7 +68,7 @@ def test_cuda_graphs_match_eager_and_never_copy_the_weights(entry):
     assert grown < weight_bytes / 4, f"memory grew by {grown} bytes: weights copied into the CUDA graph?"
     engines = torchtrt_ext.engines_of(model)
     assert engines and all(e.memory().owned_bytes == 0 for e in engines)
-    assert sum(e._runner.graphs_captured for e in engines) >= 1
+    assert sum(e.graphs_captured for e in engines) >= 1
 
 
 def test_engine_reports_device_memory_shared_with_the_model():

@@ -134,7 +134,7 @@ def test_engine_device_is_where_its_code_runs():
         def forward(self, n: torch.Tensor):
             return torch.arange(16, device="cuda", dtype=torch.float32) * 2.0 + n.to("cuda")
 
-    from torchtrt_ext import lifting
+    from torchtrt_ext.core import lifting
     from torchtrt_ext.engines.builtin import engine_device
 
     gm = torch.fx.symbolic_trace(MakesCuda())

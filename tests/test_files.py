@@ -87,7 +87,7 @@ def test_a_device_load_through_many_small_staging_buffers_is_exact_and_refuses_f
     """Staging buffers far smaller than the weights: every region crosses several chunks and every
     buffer is reused many times by its reader thread; the result must be bit-exact, and a flipped bit
     in any region must be refused."""
-    from torchtrt_ext import files
+    from torchtrt_ext.operations import files
 
     monkeypatch.setattr(files, "STAGING_BYTES", 4096)
     monkeypatch.setattr(files, "STAGING_BUFFERS", 3)
@@ -116,9 +116,14 @@ def test_clear_errors_for_wrong_files_versions_and_devices(tmp_path):
     data = path.read_bytes()
     cases = {
         "magic": (b"NOTTRTX\0" + data[8:], "not a torchtrt_ext engine file (bad magic bytes)"),
-        "version": (
-            data[:8] + struct.pack("<I", 2) + data[12:],
-            "engine file format version 2; this torchtrt_ext reads version 1 (save the engine again with this version)",
+        "older": (
+            data[:8] + struct.pack("<I", 1) + data[12:],
+            "engine file format version 1: written by an older torchtrt_ext; this one reads version 2 only. "
+            "The file must be saved again",
+        ),
+        "newer": (
+            data[:8] + struct.pack("<I", 3) + data[12:],
+            "engine file format version 3: written by a newer torchtrt_ext; this one reads version 2",
         ),
         "trailing": (data + b"\0", "has trailing bytes: the header describes"),
         "empty": (b"", "truncated: 0 bytes, shorter than the 32-byte preamble"),
@@ -155,7 +160,7 @@ def test_inspect_command_prints_the_header_and_refuses_corrupt_files(tmp_path, c
     torchtrt_ext.save(compiled, path)
     assert cli(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "torchtrt_ext engine file, format version 1" in out and "fc1.weight: float32 (64, 32) 8192 bytes" in out
+    assert "torchtrt_ext engine file, format version 2" in out and "fc1.weight: float32 (64, 32) 8192 bytes" in out
     assert "weights: 29248 bytes" in out
     path.write_bytes(path.read_bytes()[:100])
     assert cli(["inspect", str(path)]) == 1
@@ -163,94 +168,77 @@ def test_inspect_command_prints_the_header_and_refuses_corrupt_files(tmp_path, c
 
 
 _CACHE_SCRIPT = """
-import sys, torch, torchtrt_ext
-from tests import zoo
-name, cache, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = zoo.build(name, seed=seed)
-args, kwargs = zoo.inputs(name, 4)
-compiled = torchtrt_ext.compile(model, args, kwargs, cache_dir=cache)
-zoo.assert_matches(compiled(*args, **kwargs), model(*args, **kwargs), torch.float32)
-print("from_cache", compiled._variants[0].from_cache)
-"""
-
-
-def _in_fresh_process(tmp_path, run, *argv):
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{run}"), "PYTHONPATH": os.getcwd()}
-    done = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, *argv], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.split()[-1] == "True"
-
-
-def test_engine_cache_is_reused_by_a_second_process_and_keyed_by_the_model(tmp_path):
-    """Each process has its own empty Inductor cache: only our cache_dir is shared. The second process
-    binds the cached graph to its own model's weights (another seed: same shapes, other values)."""
-    cache = str(tmp_path / "engines")
-    assert not _in_fresh_process(tmp_path, 1, "mlp", cache, "0")
-    assert len(os.listdir(cache)) == 1
-    assert _in_fresh_process(tmp_path, 2, "mlp", cache, "5")  # a hit, and right for its own weights
-    assert not _in_fresh_process(tmp_path, 3, "cnn", cache, "0")  # another model: a miss
-    assert len(os.listdir(cache)) == 2
-
-
-_HIT_SCRIPT = """
-import sys, torch, torchtrt_ext
+import os, sys, torch, torchtrt_ext
 import torch._inductor.compile_fx as compile_fx_module
 from tests import zoo
-name, cache, seed, saved = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-second = bool(saved)
+cache, second, saved = sys.argv[1], sys.argv[2] == "2", sys.argv[3]
 real = (compile_fx_module.compile_fx, torch.export.load, torch.export.export)
-if second:  # a hit must trace and compile nothing
-    def refuse(what):
-        def call(*args, **kwargs):
-            raise AssertionError(what + " was called on an engine cache hit")
-        return call
-    compile_fx_module.compile_fx = refuse("compile_fx")
-    torch.export.load, torch.export.export = refuse("torch.export.load"), refuse("torch.export.export")
-model = zoo.build(name, seed=seed)
-args, kwargs = zoo.inputs(name, 4)
-compiled = torchtrt_ext.compile(model, args, kwargs, cache_dir=cache)
-compile_fx_module.compile_fx, torch.export.load, torch.export.export = real
-variant = compiled._variants[0]
-with torch.no_grad():
-    for batch in (4, 3, 9):  # fresh random inputs; the batch size is symbolic (dynamic_batch)
-        args, kwargs = zoo.inputs(name, batch)
-        zoo.assert_matches(compiled(*args, **kwargs), model(*args, **kwargs), torch.float32)
-    assert len(compiled._variants) == 1
-    if second:
-        other = zoo.build(name, seed=seed + 1)
+
+
+def refuse(what):
+    def call(*args, **kwargs):
+        raise AssertionError(what + " was called on an engine cache hit")
+    return call
+
+
+def compiled_from_cache(name, seed, must_hit):
+    model = zoo.build(name, seed=seed)
+    args, kwargs = zoo.inputs(name, 4)
+    if must_hit:  # a hit traces and compiles nothing
+        compile_fx_module.compile_fx = refuse("compile_fx")
+        torch.export.load, torch.export.export = refuse("torch.export.load"), refuse("torch.export.export")
+    try:
+        compiled = torchtrt_ext.compile(model, args, kwargs, cache_dir=cache)
+    finally:
+        compile_fx_module.compile_fx, torch.export.load, torch.export.export = real
+    variant = compiled.variants[0]
+    assert variant.from_cache == must_hit and variant.engine.artifact is not None, (name, variant.from_cache)
+    with torch.no_grad():
+        for batch in (4, 3, 9):  # fresh random inputs; the batch size is symbolic (dynamic_batch)
+            args, kwargs = zoo.inputs(name, batch)
+            zoo.assert_matches(compiled(*args, **kwargs), model(*args, **kwargs), torch.float32)
+    assert len(compiled.variants) == 1
+    return model, compiled, args, kwargs
+
+
+# Process 1 fills the cache; process 2 binds the entries to its own models (other seeds: same shapes,
+# other values) and must get right outputs for its own weights.
+compiled_from_cache("mlp", 5 if second else 0, must_hit=second)
+model, compiled, args, kwargs = compiled_from_cache("multi_io", 2 if second else 1, must_hit=second)
+if second:
+    with torch.no_grad():
+        other = zoo.build("multi_io", seed=7)
         torchtrt_ext.refit(compiled, other.state_dict())
         zoo.assert_matches(compiled(*args, **kwargs), other(*args, **kwargs), torch.float32)
-        third = zoo.build(name, seed=seed + 2)
+        third = zoo.build("multi_io", seed=8)
         model.load_state_dict(third.state_dict())  # followed by the engine (auto weight-follow)
         zoo.assert_matches(compiled(*args, **kwargs), third(*args, **kwargs), torch.float32)
         torchtrt_ext.save(compiled, saved)  # reads the graph from the entry (torch.export.load) now
         loaded = torchtrt_ext.load(saved)
-        assert loaded._variants[0].engine.artifact is not None  # the saved file holds the compiled code too
+        assert loaded.variants[0].engine.artifact is not None  # the saved file holds the compiled code too
         zoo.assert_matches(loaded(*args, **kwargs), third(*args, **kwargs), torch.float32)
-print("hit", variant.from_cache, variant.engine.artifact is not None)
+    assert len(os.listdir(cache)) == 2
+    compiled_from_cache("cnn", 0, must_hit=False)  # another model: a miss, a new entry
+    assert len(os.listdir(cache)) == 3
+print("done")
 """
 
 
-def test_a_second_process_loads_the_cached_compiled_code_and_traces_nothing(tmp_path):
-    """Process 2 (its own empty Inductor cache) gets its engine from the entry's compiled code:
-    compile_fx, torch.export.load and torch.export.export refuse to run while it compiles. Its outputs
-    match eager for its own weights at several batch sizes; refit, auto weight-follow and save (with
-    the saved file loaded back) work on the engine it got."""
+def test_a_second_process_reuses_the_engine_cache_traces_nothing_and_is_keyed_by_the_model(tmp_path):
+    """Each process has its own empty Inductor cache: only our cache_dir is shared. Process 2 gets its
+    engines from the entries' compiled code (compile_fx, torch.export.load and torch.export.export
+    refuse to run while it compiles), bound to its own models' weights; refit, auto weight-follow and
+    save (the saved file loaded back) work on what it got; another model is a miss."""
     import subprocess
     import sys
 
     cache = str(tmp_path / "engines")
-    runs = []
-    for run, saved in ((1, ""), (2, str(tmp_path / "saved.ttx"))):
+    for run in (1, 2):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{run}"), "PYTHONPATH": os.getcwd()}
-        done = subprocess.run([sys.executable, "-c", _HIT_SCRIPT, "multi_io", cache, str(run), saved], env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, cache, str(run), str(tmp_path / "saved.ttx")],
+                              env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(done.stdout.split()[-3:])
-    assert runs == [["hit", "False", "True"], ["hit", "True", "True"]]
+        assert done.stdout.split()[-1] == "done"
 
 
 _real_export_load = torch.export.load
@@ -295,7 +283,7 @@ def test_a_cache_hit_binds_in_place_updates_tied_weights_and_output_structure(tm
     with monkeypatch.context() as patched:
         _refuse_compiling(patched)
         compiled = torchtrt_ext.compile(model, (torch.randn(4, 8), torch.randn(4, 8)), cache_dir=cache)
-    (variant,) = compiled._variants
+    (variant,) = compiled.variants
     assert variant.from_cache and variant.engine.artifact is not None
     assert compiled.engines[0].named_weights()["again.weight"] is compiled.engines[0].named_weights()["fc.weight"]
     with torch.no_grad():
@@ -316,13 +304,13 @@ def test_static_shapes_hit_too_and_another_shape_is_another_entry(tmp_path, monk
     with monkeypatch.context() as patched:
         _refuse_compiling(patched)
         compiled = torchtrt_ext.compile(model, (x,), cache_dir=str(cache), dynamic_batch=False)
-    assert compiled._variants[0].from_cache
+    assert compiled.variants[0].from_cache
     (x,), _ = zoo.inputs("buffers", 4)
     with torch.no_grad():
         zoo.assert_matches(compiled(x), model(x), torch.float32)
         (y,), _ = zoo.inputs("buffers", 5)
         zoo.assert_matches(compiled(y), model(y), torch.float32)  # a second variant, compiled and stored
-    assert [v.from_cache for v in compiled._variants] == [True, False]
+    assert [v.from_cache for v in compiled.variants] == [True, False]
     assert len(list(cache.iterdir())) == 2
 
 
@@ -340,7 +328,7 @@ def test_where_inductor_cannot_save_the_code_the_entry_holds_the_graph_and_a_hit
         torchtrt_ext.compile(model, args, cache_dir=cache)
     assert "could not save the compiled code whole" in caplog.text
     again = torchtrt_ext.compile(model, args, cache_dir=cache)
-    variant = again._variants[0]
+    variant = again.variants[0]
     assert variant.from_cache and variant.engine.artifact is None  # the graph path: torch.export.load + compile_fx
     args, _ = zoo.inputs("mlp", 7)
     with torch.no_grad():
@@ -352,13 +340,13 @@ def test_save_of_a_cache_compiled_module_loads_its_compiled_code(tmp_path, monke
     full, stripped = tmp_path / "full.ttx", tmp_path / "stripped.ttx"
     torchtrt_ext.save(compiled, full)
     torchtrt_ext.save(compiled, stripped, include_weights=False)
-    assert "1 with compiled code" in torchtrt_ext.files.inspect(str(full))
+    assert "1 with compiled code" in torchtrt_ext.inspect_file(str(full))
     with monkeypatch.context() as patched:
         _refuse_compiling(patched)
         patched.setattr(torch.export, "load", _real_export_load)  # load() reads the model's structure from the graph
         loaded = torchtrt_ext.load(full)
         empty = torchtrt_ext.load(stripped)
-    assert loaded._variants[0].engine.artifact is not None
+    assert loaded.variants[0].engine.artifact is not None
     (x,), _ = zoo.inputs("encoder", 3)
     with torch.no_grad():
         zoo.assert_matches(loaded(x), model(x), torch.float32)
@@ -378,7 +366,7 @@ def test_a_cuda_cache_hit_runs_refits_and_follows_weights(tmp_path, monkeypatch,
     with monkeypatch.context() as patched:
         _refuse_compiling(patched)
         compiled = torchtrt_ext.compile(model, zoo.inputs("encoder", 4, "cuda", dtype)[0], cache_dir=cache, **options)
-    assert compiled._variants[0].from_cache and compiled._variants[0].engine.artifact is not None
+    assert compiled.variants[0].from_cache and compiled.variants[0].engine.artifact is not None
     with torch.no_grad():
         for batch in (4,) if "dynamic_batch" in options else (4, 7):
             for _ in range(2):  # CUDA-graph mode: captured, then replayed
@@ -390,31 +378,31 @@ def test_a_cuda_cache_hit_runs_refits_and_follows_weights(tmp_path, monkeypatch,
         third = zoo.build("encoder", "cuda", dtype, seed=3)
         model.load_state_dict(third.state_dict())  # followed by the engine
         zoo.assert_matches(compiled(x), third(x), dtype)
-    assert len(compiled._variants) == 1
+    assert len(compiled.variants) == 1
 
 
 def _region(path, name):
-    from torchtrt_ext.engine_file import EngineFile
+    from torchtrt_ext.core.engine_file import EngineFile
 
     with EngineFile(str(path)) as f:
-        for entry in f.header["programs"] + f.header["artifacts"]:
-            if entry["name"] == name:
-                return f.data_start + entry["offset"], entry["nbytes"]
+        for entry in f.header.blobs():
+            if entry.name == name:
+                return f.data_start + entry.region.offset, entry.region.nbytes
     raise KeyError(name)
 
 
 def _rewrite(path, change):
     """Write the entry again with `change(header, blobs)` applied, every checksum valid."""
-    from torchtrt_ext import engine_file
-    from torchtrt_ext.engine_file import EngineFile
+    from torchtrt_ext.core import engine_file
+    from torchtrt_ext.core.engine_file import EngineFile
 
     with EngineFile(str(path)) as f:
         header = f.header
-        entries = [e for e in header["programs"] + header["artifacts"] + header["tensors"] + [header["inductor_cache"]] if e and "offset" in e]
+        entries = [e for e in header.tensors if e.region is not None] + header.blobs()
         data = path.read_bytes()
-        blobs = {e["name"]: data[f.data_start + e["offset"] : f.data_start + e["offset"] + e["nbytes"]] for e in entries}
+        blobs = {e.name: data[f.data_start + e.region.offset : f.data_start + e.region.offset + e.region.nbytes] for e in entries}
     change(header, blobs)
-    engine_file.write(str(path), header, [(e, torch.frombuffer(bytearray(blobs[e["name"]]) or bytearray(1), dtype=torch.uint8)[: len(blobs[e["name"]])]) for e in entries])
+    engine_file.write(str(path), header, [(e, torch.frombuffer(bytearray(blobs[e.name]) or bytearray(1), dtype=torch.uint8)[: len(blobs[e.name])]) for e in entries])
 
 
 def _garbage_code(header, blobs):
@@ -422,11 +410,11 @@ def _garbage_code(header, blobs):
 
 
 def _other_dtype(header, blobs):
-    header["artifacts"][0]["binding"]["signature"]["leaves"][0]["dtype"] = "float64"
+    header.artifacts[0].binding["signature"]["leaves"][0]["dtype"] = "float64"
 
 
 def _missing_weight(header, blobs):
-    header["artifacts"][0]["binding"]["lifted"]["weights"][0][1] = "no.such.weight"
+    header.artifacts[0].binding["lifted"]["weights"][0][1] = "no.such.weight"
 
 
 @pytest.mark.parametrize(
@@ -453,17 +441,17 @@ def test_a_corrupt_or_mismatched_engine_cache_entry_costs_a_recompile_never_a_wr
         _rewrite(entry, {"compiled code of another format": _garbage_code, "a binding for other inputs": _other_dtype,
                          "a binding naming a missing weight": _missing_weight}[damage])
     again = torchtrt_ext.compile(model, args, cache_dir=str(cache))
-    assert not again._variants[0].from_cache
+    assert not again.variants[0].from_cache
     assert "engine cache entry" in caplog.text and "not used" in caplog.text
     with torch.no_grad():
         zoo.assert_matches(again(*args), model(*args), torch.float32)
     third = torchtrt_ext.compile(model, args, cache_dir=str(cache))  # the entry was written again
-    assert third._variants[0].from_cache and third._variants[0].engine.artifact is not None
+    assert third.variants[0].from_cache and third.variants[0].engine.artifact is not None
 
 
 _PEAK_SCRIPT = """
 import sys, torch
-from torchtrt_ext.files import read_programs
+from torchtrt_ext.operations.files import read
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -471,7 +459,9 @@ def status(key):
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = status("VmRSS:")
-header, eps = read_programs(sys.argv[1])
+contents = read(sys.argv[1])
+contents.load_inductor_cache()
+eps = [contents.program(i) for i in range(len(contents.header.programs))]
 print(status("VmHWM:") - base)
 """
 

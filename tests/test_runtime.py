@@ -1,4 +1,4 @@
-"""The C++ runtime (torchtrt_ext._C.Runner) on the CPU: device checks, execution slots, threads."""
+"""The C++ runtime (torchtrt_ext.core._C.Runner) on the CPU: device checks, execution slots, threads."""
 
 import threading
 import time
@@ -6,8 +6,9 @@ import time
 import pytest
 import torch
 
-from torchtrt_ext import InputError, _runtime
-from torchtrt_ext._runtime import Runner
+from torchtrt_ext import InputError
+from torchtrt_ext.core import runtime as _runtime
+from torchtrt_ext.core.runtime import Runner
 
 
 def test_run_passes_inputs_and_a_slot_and_returns_the_result():

@@ -7,10 +7,12 @@ import torch.utils._pytree as pytree
 
 import torchtrt_ext
 from tests import zoo
-from torchtrt_ext import OptionError, TorchTRTExtError, lifting
+from torchtrt_ext import OptionError, TorchTRTExtError
+from torchtrt_ext.core import lifting
 from torchtrt_ext.engines import tensorrt
-from torchtrt_ext.settings import Settings
-from torchtrt_ext.streaming import StreamedProgram, parse_budget
+from torchtrt_ext.core.settings import Settings
+from torchtrt_ext.core.settings import Budget
+from torchtrt_ext.engines.streamed import StreamedEngine
 
 BUDGETS = (0, 25, 50, 75, 100)
 STREAMABLE = ["mlp", "cnn", "encoder", "buffers", "multi_io"]  # graph_break: export cannot capture it
@@ -22,8 +24,8 @@ def test_program_logic_on_the_cpu_equals_eager_at_every_budget_and_after_a_load(
     model = zoo.build(name)
     args, kwargs = zoo.inputs(name, 4)
     ep = torch.export.export(model, args, kwargs, strict=False)
-    program = StreamedProgram(lifting.from_export(ep), torch.device("cpu"), segments=4)
-    assert len(program.segments) >= 2
+    program = _cpu_engine(ep, 4)
+    assert program.segment_count >= 2
     flat = pytree.tree_leaves((args, kwargs))
     new = zoo.build(name, seed=9)
     names = [w.name for w in lifting.from_export(torch.export.export(new, args, kwargs, strict=False)).weights]
@@ -39,16 +41,21 @@ def test_program_logic_on_the_cpu_equals_eager_at_every_budget_and_after_a_load(
             assert placement.resident_bytes == 0 and placement.ring_bytes > 0
         if percent == 100:
             assert placement.ring_bytes == 0
-        program.load({i: tensors(zoo.build(name))[n] for i, n in enumerate(names)})
-        zoo.assert_matches(pytree.tree_unflatten(program.run(flat, 0), ep.call_spec.out_spec), model(*args, **kwargs), torch.float32)
-        program.load(new_values)  # a refit at this budget
-        zoo.assert_matches(pytree.tree_unflatten(program.run(flat, 0), ep.call_spec.out_spec), new(*args, **kwargs), torch.float32)
+        program.load_weights({i: tensors(zoo.build(name))[n] for i, n in enumerate(names)})
+        zoo.assert_matches(pytree.tree_unflatten(program(*flat), ep.call_spec.out_spec), model(*args, **kwargs), torch.float32)
+        program.load_weights(new_values)  # a refit at this budget
+        zoo.assert_matches(pytree.tree_unflatten(program(*flat), ep.call_spec.out_spec), new(*args, **kwargs), torch.float32)
+
+
+def _cpu_engine(ep, segments):
+    """The streaming engine's program with synchronous copies on the CPU (what the CUDA path runs, less the streams)."""
+    return StreamedEngine(lifting.from_export(ep), Settings(weight_streaming=True, weight_streaming_budget=0), torch.device("cpu"), segments)
 
 
 def test_budget_forms_and_their_errors():
-    assert parse_budget(1000, 4000, None) == 1000
-    assert parse_budget("25%", 4000, None) == 1000
-    assert parse_budget(" 0% ", 4000, None) == 0
+    assert Budget.parse(1000).resolve(4000, None) == 1000
+    assert Budget.parse("25%").resolve(4000, None) == 1000
+    assert Budget.parse(" 0% ").resolve(4000, None) == 0
     cases = {
         -1: "weight_streaming_budget must not be negative, got -1",
         4001: "weight_streaming_budget 4001 is above the 4000 bytes of streamable weights; use at most 4000 (or '100%')",
@@ -58,7 +65,7 @@ def test_budget_forms_and_their_errors():
     }
     for value, message in cases.items():
         with pytest.raises(OptionError) as e:
-            parse_budget(value, 4000, None)
+            Budget.parse(value).resolve(4000, None)
         assert str(e.value) == message
 
 
@@ -118,7 +125,8 @@ def test_streamed_equals_the_resident_engine_at_every_budget_and_after_refit(nam
     for key, buf in zoo.build(name, "cuda").named_buffers():  # not in state_dicts: refits keep them
         if key not in new_cuda.state_dict():
             new_cuda.get_buffer(key).copy_(buf)
-    with torch.no_grad(), torchtrt_ext.weight_streaming(streamed) as ws:
+    ws = torchtrt_ext.weight_streaming(streamed)
+    with torch.no_grad():
         for percent in BUDGETS:
             ws.device_budget = f"{percent}%"
             assert ws.resident_bytes <= ws.total_bytes * percent // 100
@@ -145,18 +153,19 @@ def test_streamed_cuda_graphs_equal_the_resident_engine_at_every_budget_and_afte
     for key, buf in zoo.build(name, "cuda").named_buffers():
         if key not in new_cuda.state_dict():
             new_cuda.get_buffer(key).copy_(buf)
-    with torch.no_grad(), torchtrt_ext.weight_streaming(streamed) as ws:
+    ws = torchtrt_ext.weight_streaming(streamed)
+    with torch.no_grad():
         for percent in BUDGETS:
             ws.device_budget = f"{percent}%"
-            assert engine._runner.graphs_captured == 0
+            assert engine.graphs_captured == 0
             torchtrt_ext.refit(resident, zoo.build(name, "cuda").state_dict())
             torchtrt_ext.refit(streamed, zoo.build(name, "cpu").state_dict())
             for _ in range(3):  # capture, then replays
                 zoo.assert_matches(streamed(*args, **kwargs), resident(*args, **kwargs), torch.float32)
-            assert engine._runner.graphs_captured == 1
+            assert engine.graphs_captured == 1
             torchtrt_ext.refit(resident, new_cuda.state_dict())
             torchtrt_ext.refit(streamed, new_cuda.state_dict())  # in place: the graph stays
-            assert engine._runner.graphs_captured == 1
+            assert engine.graphs_captured == 1
             zoo.assert_matches(streamed(*args, **kwargs), new_cuda(*args, **kwargs), torch.float32)
             other = zoo.inputs(name, 4, "cuda")  # new random values, same signature: the same graph
             zoo.assert_matches(streamed(*other[0], **other[1]), new_cuda(*other[0], **other[1]), torch.float32)
@@ -186,10 +195,10 @@ def test_streamed_cuda_graph_replays_on_another_thread_while_the_budget_changes(
 
     thread = threading.Thread(target=runner)
     thread.start()
-    with torchtrt_ext.weight_streaming(streamed) as ws:
-        for i in range(20):
-            ws.device_budget = f"{(i % 5) * 25}%"
-            torchtrt_ext.refit(streamed, model.state_dict())
+    ws = torchtrt_ext.weight_streaming(streamed)
+    for i in range(20):
+        ws.device_budget = f"{(i % 5) * 25}%"
+        torchtrt_ext.refit(streamed, model.state_dict())
     stop.set()
     thread.join()
     assert not errors, errors[0]
@@ -197,7 +206,7 @@ def test_streamed_cuda_graph_replays_on_another_thread_while_the_budget_changes(
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(streamed(*args), expected, rtol=1e-4, atol=1e-4)
-    assert streamed.engines[0]._runner.graphs_captured >= 1  # captured, not run without graphs
+    assert streamed.engines[0].graphs_captured >= 1  # captured, not run without graphs
 
 
 class _Deep(torch.nn.Module):
@@ -220,7 +229,8 @@ def test_peak_device_memory_stays_within_budget_plus_activations_plus_ring():
     model.cpu()
     torch.cuda.empty_cache()
     streamed = torchtrt_ext.compile(model, (x,), weight_streaming=True, dynamic_batch=False, weight_streaming_budget="100%")
-    with torch.no_grad(), torchtrt_ext.weight_streaming(streamed) as ws:
+    ws = torchtrt_ext.weight_streaming(streamed)
+    with torch.no_grad():
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -281,12 +291,12 @@ def test_program_handles_weight_views_weight_outputs_and_non_contiguous_weights(
     else:
         model, x = _ChannelsLast().eval().to(memory_format=torch.channels_last), torch.randn(1, 8, 12, 12)
     ep = torch.export.export(model, (x,), strict=False)
-    program = StreamedProgram(lifting.from_export(ep), torch.device("cpu"), segments=4)
+    program = _cpu_engine(ep, 4)
     expected = pytree.tree_leaves(model(x))
     for percent in (0, 50, 100):
         program.place(program.total_bytes * percent // 100)
         for _ in range(2):  # the second call reuses the ring that held the first call's weights
-            got = program.run([x], 0)
+            got = program(x)
             assert len(got) == len(expected)
             for g, e in zip(got, expected):
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
@@ -298,7 +308,7 @@ def test_budget_changes_and_refits_while_another_thread_runs():
     model = zoo.build("mlp")
     args, _ = zoo.inputs("mlp", 4)
     ep = torch.export.export(model, args, strict=False)
-    program = StreamedProgram(lifting.from_export(ep), torch.device("cpu"), segments=3)
+    program = _cpu_engine(ep, 3)
     program.place(0)
     expected = model(*args)
     stop, errors, calls = threading.Event(), [], [0]
@@ -306,7 +316,7 @@ def test_budget_changes_and_refits_while_another_thread_runs():
     def runner():
         try:
             while not stop.is_set():
-                torch.testing.assert_close(program.run([args[0]], 1)[0], expected, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(program(args[0])[0], expected, rtol=1e-5, atol=1e-5)
                 calls[0] += 1
         except Exception as exc:  # surfaced below
             errors.append(exc)
@@ -316,8 +326,33 @@ def test_budget_changes_and_refits_while_another_thread_runs():
     values = {i: w.tensor for i, w in enumerate(lifting.from_export(ep).weights)}
     for i in range(60):
         program.place(program.total_bytes * (i % 5) // 4 if i % 5 < 5 else 0)
-        program.load(values)  # the same values: outputs must not change
+        program.load_weights(values)  # the same values: outputs must not change
     stop.set()
     thread.join()
     assert not errors, errors[0]
     assert calls[0] > 0
+
+
+@pytest.mark.cuda
+def test_fifty_streamed_engines_built_and_dropped_leave_no_stream_or_event():
+    """Copy streams and events are the runtime's objects, freed with their engine: none leaks."""
+    import gc
+
+    from torchtrt_ext.core import runtime
+
+    model = zoo.build("mlp", "cuda")
+    args, _ = zoo.inputs("mlp", 4, "cuda")
+    ep = torch.export.export(model, args, strict=False)
+    gc.collect()
+    streams, events = runtime.live_streams(), runtime.live_events()
+    side = torch.cuda.Stream()
+    for _ in range(50):
+        engine = StreamedEngine(lifting.from_export(ep), Settings(weight_streaming=True, weight_streaming_budget=0), segments=3)
+        engine(*args)
+        with torch.cuda.stream(side):  # a second execution slot: its own copy stream and events
+            engine(*args)
+        torch.cuda.synchronize()
+        assert runtime.live_streams() > streams and runtime.live_events() > events
+        del engine
+    gc.collect()
+    assert (runtime.live_streams(), runtime.live_events()) == (streams, events)

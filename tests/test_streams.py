@@ -60,8 +60,8 @@ def test_cuda_graph_mode_one_graph_set_per_stream_and_outputs_not_overwritten():
         torch.cuda.synchronize()
         for x, y in kept:
             zoo.assert_matches(y, model(x), torch.float32)
-    assert engine._runner.slots_created == 3
-    assert engine._runner.graphs_captured == 6  # 3 streams x 2 batch sizes
+    assert engine.slots_created == 3
+    assert engine.graphs_captured == 6  # 3 streams x 2 batch sizes
 
 
 class _Noisy(torch.nn.Module):
@@ -79,7 +79,7 @@ def test_cuda_graph_mode_falls_back_with_a_warning_where_capture_fails_and_leave
     for out in (first, compiled(x)):
         noise = out - 2 * x
         assert bool(((noise >= 0) & (noise < 1)).all()) and noise.std().item() > 0.1
-    assert compiled.engines[0]._runner.graphs_captured == 0
+    assert compiled.engines[0].graphs_captured == 0
     assert torch.randn(4, device="cuda").isfinite().all()
 
 
@@ -106,7 +106,7 @@ def test_cuda_graph_capture_on_a_custom_stream_replays_correctly(capture_stream)
 
 
 def test_each_concurrent_stream_gets_its_own_slot():
-    from torchtrt_ext._runtime import Runner
+    from torchtrt_ext.core.runtime import Runner
 
     runner = Runner("cuda", 16)
     streams = [torch.cuda.Stream() for _ in range(3)]
@@ -134,7 +134,7 @@ def test_each_concurrent_stream_gets_its_own_slot():
                 with torch.cuda.stream(s):
                     x = torch.randn(4, 32, device="cuda")
                     zoo.assert_matches(compiled(x), model(x), torch.float32)
-    assert compiled.engines[0]._runner.slots_created == 3
+    assert compiled.engines[0].slots_created == 3
 
 
 def test_default_stream_caller_sees_outputs_and_engine_sees_inputs():
@@ -170,7 +170,7 @@ def test_threads_on_one_engine_never_share_a_slot():
     its slot, so overlapping holders of one slot would be seen."""
     import time
 
-    from torchtrt_ext._runtime import Runner
+    from torchtrt_ext.core.runtime import Runner
 
     runner = Runner("cuda", 16)
     lock = threading.Lock()

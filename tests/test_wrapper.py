@@ -24,7 +24,7 @@ def test_zoo_matches_eager(name, device):
             zoo.assert_matches(compiled(*args, **kwargs), model(*args, **kwargs), torch.float32)
     assert compiled.engines and all(e.kind == "builtin" for e in compiled.engines)
     if name != "graph_break":  # export captures it whole; batch 6 and 9 reuse the dynamic-batch engine
-        assert len(compiled._variants) == 1 and compiled._dynamo is None
+        assert len(compiled.variants) == 1 and not compiled.uses_dynamo
 
 
 def test_graph_break_falls_back_to_dynamo_and_says_why(caplog):
@@ -32,7 +32,7 @@ def test_graph_break_falls_back_to_dynamo_and_says_why(caplog):
     with caplog.at_level(logging.WARNING, logger="torchtrt_ext"):
         compiled = torchtrt_ext.compile(model, zoo.inputs("graph_break", 4)[0])
     assert "torch.export could not capture GraphBreak.forward" in caplog.text
-    assert compiled._dynamo is not None and len(compiled.engines) >= 2
+    assert compiled.uses_dynamo and len(compiled.engines) >= 2
     with torch.no_grad():
         for _ in range(4):  # both sides of the branch
             (x,), _ = zoo.inputs("graph_break", 5)
@@ -48,7 +48,7 @@ def test_frontend_export_refuses_to_fall_back():
 def test_frontend_dynamo_is_used_when_asked():
     model = zoo.build("mlp")
     compiled = torchtrt_ext.compile(model, zoo.inputs("mlp", 3)[0], frontend="dynamo")
-    assert compiled._dynamo is not None and not compiled._variants
+    assert compiled.uses_dynamo and not compiled.variants
     (x,), _ = zoo.inputs("mlp", 3)
     with torch.no_grad():
         zoo.assert_matches(compiled(x), model(x), torch.float32)
@@ -71,7 +71,7 @@ def test_keyword_order_does_not_matter_and_kwargs_change_signature():
     with torch.no_grad():
         zoo.assert_matches(compiled(x, y=y, scale=kw["scale"]), model(x, y, scale=kw["scale"]), torch.float32)
         zoo.assert_matches(compiled(x, y), model(x, y), torch.float32)  # no scale: a second signature
-    assert len(compiled._variants) == 2
+    assert len(compiled.variants) == 2
 
 
 def test_new_shapes_compile_variants_up_to_the_limit():
@@ -118,10 +118,10 @@ def test_engine_shares_the_models_memory():
 def test_input_on_wrong_device_is_a_clear_error():
     model = zoo.build("mlp")
     compiled = torchtrt_ext.compile(model, zoo.inputs("mlp", 2)[0])
-    with pytest.raises(InputError) as e:
+    with pytest.raises(InputError) as e, torch.no_grad():
         compiled(torch.randn(2, 32, device="meta"))
     assert str(e.value) == (
-        "input 0 is on meta but the model's weights are on cpu; move the input with .to('cpu')"
+        "input x is on meta but the model's weights are on cpu; move it with .to('cpu')"
     )
 
 

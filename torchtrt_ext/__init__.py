@@ -3,22 +3,35 @@
 Two ways in:
   * ``torch.compile(model, backend="torchtrt_ext", options={...})``
   * ``torchtrt_ext.compile(model, example_inputs=(...), **options)`` -> an ``nn.Module``
+
+Layers, each importing only from those below it (checked by import-linter, pyproject.toml):
+  cli -> demo -> frontends (backend, wrapper, load) -> operations (refit, weight-streaming control,
+  files, engine cache) -> engines (built-in, streamed, TensorRT) -> core (settings, lifting,
+  signatures, weight sources, the runtime binding, errors).
 """
 
 from __future__ import annotations
 
-from . import _runtime  # noqa: F401  (fails loudly when the C++ runtime is missing)
-from .backend import BACKEND_NAME, register as _register_backend, torchtrt_ext_backend
+from .core import runtime as _runtime  # noqa: F401  (fails loudly when the C++ runtime is missing)
+from .core.errors import (
+    EngineFileError,
+    EngineUnavailableError,
+    InputError,
+    OptionError,
+    RefitError,
+    TorchTRTExtError,
+    WeightFileError,
+)
+from .core.registry import engines_of
+from .core.settings import Settings, describe_options, option_names
+from .core.version import __version__
 from .engines import Engine, MemoryUse
-from .errors import EngineFileError, EngineUnavailableError, InputError, OptionError, RefitError, TorchTRTExtError, WeightFileError
-from .files import inspect as inspect_file, load, save
-from .refit import RefitReport, refit
-from .streaming import WeightStreaming, weight_streaming
-from .registry import engines_of
-from .settings import Settings, describe_options, option_names
-from .wrapper import CompiledModule, compile
-
-__version__ = "0.1.0"
+from .frontends.backend import BACKEND_NAME, register as _register_backend, torchtrt_ext_backend
+from .frontends.loading import load
+from .frontends.wrapper import CompiledModule, compile
+from .operations.files import inspect as inspect_file, save
+from .operations.refit import RefitReport, refit
+from .operations.weight_streaming import WeightStreaming, weight_streaming
 
 __all__ = [
     "BACKEND_NAME",
@@ -34,6 +47,7 @@ __all__ = [
     "Settings",
     "TorchTRTExtError",
     "WeightFileError",
+    "__version__",
     "compile",
     "describe_options",
     "engines_of",

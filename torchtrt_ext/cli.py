@@ -6,6 +6,11 @@ import argparse
 import logging
 import sys
 
+from . import demo as demo_module
+from .core.errors import EngineFileError
+from .core.settings import describe_options
+from .operations.files import inspect as inspect_file
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchtrt-ext", description="torchtrt_ext tools")
@@ -20,18 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     if args.command == "demo":
-        from . import demo as demo_module
-
         return demo_module.run(args.device, args.dtype)
     if args.command == "options":
-        from .settings import describe_options
-
         print(describe_options())
         return 0
     if args.command == "inspect":
-        from .errors import EngineFileError
-        from .files import inspect as inspect_file
-
         try:
             print(inspect_file(args.file))
         except EngineFileError as exc:

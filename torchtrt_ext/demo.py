@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import engines as _engines
+from .core.settings import Settings
 from .engines import tensorrt as _tensorrt
-from .settings import Settings
-from .wrapper import compile as _compile_module
+from .frontends.wrapper import compile as _compile_module
 
 TOLERANCE = {
     torch.float32: dict(rtol=1e-4, atol=1e-4),

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import EngineUnavailableError
-from ..lifting import LiftedGraph
-from ..settings import Settings
+from ..core.errors import EngineUnavailableError, TorchTRTExtError
+from ..core.lifting import LiftedGraph
+from ..core.settings import Settings
 from . import tensorrt
 from .base import Engine, MemoryUse
 from .builtin import BuiltinEngine
+from .streamed import StreamedEngine
 
 log = logging.getLogger("torchtrt_ext")
 
-__all__ = ["Engine", "MemoryUse", "BuiltinEngine", "resolve_kind", "build_engine"]
+__all__ = ["Engine", "MemoryUse", "BuiltinEngine", "StreamedEngine", "resolve_kind", "build_engine"]
 
 
 def resolve_kind(settings: Settings) -> str:
@@ -54,7 +55,10 @@ def build_engine(
     like: an engine of the same graph; the new one computes with lifted's weights, sharing the compiled
     code where the engine kind can (a resident built-in engine), else compiled anew."""
     kind = resolve_kind(settings)
+    if kind == "builtin" and settings.weight_streaming:
+        if artifact is not None or keep_artifact:
+            raise TorchTRTExtError("weight-streaming engines are compiled per segment; they have no compiled artifact")
+        return StreamedEngine(lifted, settings)  # owns its weights' copies: nothing to share with `like`
     if kind == "builtin":
-        share = like if isinstance(like, BuiltinEngine) and not settings.weight_streaming else None
-        return BuiltinEngine(lifted, settings, artifact, keep_artifact, compiled_from=share)
+        return BuiltinEngine(lifted, settings, artifact, keep_artifact, compiled_from=like if isinstance(like, BuiltinEngine) else None)
     raise EngineUnavailableError(f"engine kind {kind!r} is not available")  # pragma: no cover

@@ -3,7 +3,7 @@
 An engine takes the caller's inputs (tensors on its device, on the caller's current stream), returns
 the graph's outputs as a flat list, names its weights by the model's own state_dict names, and says
 how much device memory its weights take and whether that memory is shared with the model or is a copy.
-Every execution goes through the C++ runtime (``torchtrt_ext._C.Runner``), which follows the caller's
+Every execution goes through the C++ runtime (``torchtrt_ext.core._C.Runner``), which follows the caller's
 stream and hands each concurrent stream its own execution slot.
 """
 
@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
-from .._runtime import Runner
-from ..settings import Settings
+from ..core.runtime import Runner
+from ..core.settings import Settings
 
 # How many concurrently active streams an engine serves before a caller waits for a free slot.
 DEFAULT_MAX_SLOTS = 16
@@ -56,8 +56,22 @@ class Engine(abc.ABC):
         # replays it without the GIL.
         self._run = self._runner.run_graphed if settings.cuda_graphs else self._runner.run
 
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs the runtime holds for this engine now (cuda_graphs=True)."""
+        return self._runner.graphs_captured
+
+    @property
+    def slots_created(self) -> int:
+        """Execution slots made so far: one per stream that has called concurrently."""
+        return self._runner.slots_created
+
+    # Calls so far (not locked: a count for tests and reports, exact without concurrent callers).
+    calls = 0
+
     def __call__(self, *inputs: Any) -> list[torch.Tensor]:
         """Run the engine on the caller's current stream; inputs in graph order, outputs as a list."""
+        self.calls += 1
         return self._run(self._execute, inputs)
 
     @abc.abstractmethod

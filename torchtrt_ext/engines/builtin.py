@@ -15,13 +15,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import RefitError, TorchTRTExtError
-from ..inductor import CONFIG_PATCHES, compile_graph
-from .. import lifting
-from ..lifting import LiftedGraph
-from ..settings import Settings
-from ..streaming import StreamedProgram, parse_budget
+from ..core import lifting
+from ..core.errors import RefitError, TorchTRTExtError
+from ..core.inductor import CONFIG_PATCHES, compile_graph
+from ..core.lifting import LiftedGraph
+from ..core.settings import Settings
 from .base import Engine, MemoryUse, weight_memory
+from .copy import copy_weights
 
 log = logging.getLogger("torchtrt_ext")
 
@@ -69,21 +69,6 @@ def _listing(devices: dict[torch.device, list[str]]) -> str:
 def _indexed(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _streaming_device(lifted: LiftedGraph) -> torch.device:
-    """With weight streaming the inputs give the device (the model may stay on the host)."""
-    for i in lifted.input_positions:
-        value = lifted.example_args[i]
-        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-            return value.device
-    device = engine_device(lifted)
-    if device.type != "cuda":
-        raise TorchTRTExtError(
-            f"weight streaming needs a CUDA device, but the inputs and weights are on {device}: pass inputs on "
-            "the CUDA device to run on"
-        )
     return device
 
 
@@ -154,13 +139,10 @@ class BuiltinEngine(Engine):
         self.artifact holds the code saved whole (None, with a warning, where Inductor cannot save it).
         compiled_from: a resident engine of the same graph whose compiled code this one runs with its
         own weights (lifted's), without compiling."""
-        if settings.weight_streaming and (artifact is not None or keep_artifact):
-            raise TorchTRTExtError("weight-streaming engines are compiled per segment; they have no compiled artifact")
-        device = _streaming_device(lifted) if settings.weight_streaming else engine_device(lifted)
+        device = engine_device(lifted)
         if settings.cuda_graphs and device.type != "cuda":
             raise TorchTRTExtError(f"cuda_graphs=True needs a CUDA engine, but this one runs on {device}")
         super().__init__(device, settings)
-        self._streamed: StreamedProgram | None = None
         self._model_tensors = [w.tensor for w in lifted.weights]
         self._names: dict[str, int] = {}
         for index, w in enumerate(lifted.weights):
@@ -179,28 +161,18 @@ class BuiltinEngine(Engine):
         self._spare_stale: set[int] | None = None
 
         start = time.perf_counter()
-        if settings.weight_streaming:
-            # Segments compiled one by one; the weights go to pinned host masters (the table then holds
-            # no device memory of the model's), and a placement picks what stays resident.
-            self._streamed = StreamedProgram(lifted, device)
-            if settings.cuda_graphs:
-                self._streamed.on_placement_change = self._runner.clear_graphs
-            self._table = []
-            self.compile_seconds = time.perf_counter() - start
-            self._streamed.place(parse_budget(settings.weight_streaming_budget, self._streamed.total_bytes, device))
+        if compiled_from is not None:
+            self._compiled = compiled_from._compiled
+            self.artifact = compiled_from.artifact
+        elif artifact is not None:
+            self._compiled = _load_artifact(artifact)
+            self.artifact = artifact
         else:
-            if compiled_from is not None:
-                self._compiled = compiled_from._compiled
-                self.artifact = compiled_from.artifact
-            elif artifact is not None:
-                self._compiled = _load_artifact(artifact)
-                self.artifact = artifact
-            else:
-                self._compiled = _compile(lifted, keep_artifact)
-                if keep_artifact:
-                    self.artifact = _saved_whole(self._compiled)
-            self.compile_seconds = time.perf_counter() - start
-            self._bind(fence=False)
+            self._compiled = _compile(lifted, keep_artifact)
+            if keep_artifact:
+                self.artifact = _saved_whole(self._compiled)
+        self.compile_seconds = time.perf_counter() - start
+        self._bind(fence=False)
         mem = self.memory()
         log.info(
             "torchtrt_ext: built-in engine on %s: %d weights, %.1f MiB (%s), %s %.1f s",
@@ -230,44 +202,25 @@ class BuiltinEngine(Engine):
             track=self.settings.refit_double_buffer,
         )
 
-    def __call__(self, *inputs: Any) -> list[torch.Tensor]:
-        if self._streamed is None:
-            return self._run(self._execute, inputs)
-        with self._streamed.calling():  # around the runtime call: a CUDA-graph replay counts too
-            return self._run(self._execute, inputs)
-
     def _execute(self, inputs: tuple[Any, ...], slot: int) -> list[torch.Tensor]:
-        """What the runtime does with the bound arguments, in Python (used when nothing is bound)."""
-        if len(inputs) != len(self._input_positions):
-            raise TorchTRTExtError(f"the engine takes {len(self._input_positions)} inputs, got {len(inputs)}")
-        if self._streamed is not None:
-            return self._streamed._run(inputs, slot)  # inside calling(), from __call__
-        args = self._arguments()
-        for position, value in zip(self._input_positions, inputs):
-            args[position] = value
-        return self._compiled(*args)
+        """Never called: the engine is always bound, and the runtime calls the compiled code itself."""
+        raise TorchTRTExtError("internal error: a built-in engine ran without its runtime binding")
 
     def weight_index(self) -> Mapping[str, int]:
         return self._names
 
     def weight_tensors(self) -> Sequence[torch.Tensor]:
-        if self._streamed is not None:
-            return [self._streamed.weight(i) for i in range(len(self._model_tensors))]
         return self._table
 
     def load_weights(self, values: Mapping[int, torch.Tensor]) -> None:
         if not values:
-            return
-        if self._streamed is not None:  # host masters and resident copies, every budget alike
-            current = self.weight_tensors()
-            self._streamed.load(dict(zip(values, _prepare([current[i] for i in values], list(values.values())))))
             return
         if self.settings.refit_double_buffer:
             self._load_double_buffered(values)
             return
         # In place: the table's addresses stay, so captured CUDA graphs stay valid. Calls in flight on
         # other streams may read a mix of old and new values (refit_double_buffer avoids that).
-        _copy([self._table[i] for i in values], list(values.values()))
+        copy_weights([self._table[i] for i in values], list(values.values()))
         self._bind(fence=True)
 
     def _load_double_buffered(self, values: Mapping[int, torch.Tensor]) -> None:
@@ -289,7 +242,7 @@ class BuiltinEngine(Engine):
             stale = None
         keep = [i for i in (range(len(self._table)) if stale is None else stale) if i not in values]
         try:
-            _copy([spare[i] for i in keep] + [spare[i] for i in values], [self._table[i] for i in keep] + list(values.values()))
+            copy_weights([spare[i] for i in keep] + [spare[i] for i in values], [self._table[i] for i in keep] + list(values.values()))
         except torch.OutOfMemoryError:
             self._spare, self._spare_stale = spare, None  # keep the allocation; its contents are unknown
             raise RefitError("out of memory while staging the new weights; the engine is unchanged") from None
@@ -300,9 +253,6 @@ class BuiltinEngine(Engine):
         self._bind(fence=True)
 
     def follow(self, values: Mapping[int, torch.Tensor]) -> None:
-        if self._streamed is not None:  # the engine holds its own copies: load the new values
-            self.load_weights({i: t.detach() for i, t in values.items()})
-            return
         load: dict[int, torch.Tensor] = {}
         repointed = False
         for index, tensor in values.items():
@@ -334,9 +284,6 @@ class BuiltinEngine(Engine):
             self.load_weights(load)
 
     def memory(self) -> MemoryUse:
-        if self._streamed is not None:  # resident copies and rings: all the engine's own
-            resident, ring = self._streamed.memory()
-            return MemoryUse(self.device, resident + ring, 0)
         return weight_memory(self.device, self._table + (self._spare or []), self._model_tensors)
 
 
@@ -347,64 +294,3 @@ def _saved_whole(compiled: Any) -> bytes | None:
         log.warning("torchtrt_ext: Inductor could not save the compiled code whole (%s: %s); an engine cache hit "
                     "will compile the graph again", type(exc).__name__, str(exc).strip()[:300])
         return None
-
-
-def _prepare(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Sources ready to copy without allocating device memory: converted to the destination's dtype on
-    their own device, except CUDA sources on the destination's device (the copy kernel converts)."""
-    ready = []
-    for dst, src in zip(destinations, sources):
-        if src.dtype != dst.dtype and not (src.device == dst.device and src.device.type == "cuda"):
-            src = src.to(dst.dtype)
-        ready.append(src)
-    return ready
-
-
-# Refit from CUDA tensors, measured on the H100 for the 2.2 GB fp16 Llama (~200 weights): 3.29 ms with
-# multi-tensor launches below _FUSE_BELOW_BYTES and one copy_ each above (host time 3.23 ms: launch-
-# bound), 2.70 ms (1.81 ms host) with one cudaMemcpyAsync per large weight enqueued by one runtime call;
-# the floor, one 2.2 GB device copy_, is 1.48 ms. _BATCHED_COPY=True copies every same-device pair of
-# one dtype, contiguous and of one shape, small and large alike, with one runtime call that launches ONE
-# kernel (csrc/batched_copy.cu). Predicted: host time ~1 ms less than the memcpy path, and GPU time near
-# the floor, ~1.5-1.7 ms. False is the multi-tensor/copy_ path above, which the refit benchmark times in
-# the same run as one comparison row.
-_FUSE_BELOW_BYTES = 1 << 20
-_BATCHED_COPY = True
-
-
-def _copy(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-    """Copy on the current stream (asynchronously from CUDA and pinned host memory), converting each
-    source to its destination's dtype (see _prepare)."""
-    if not destinations:
-        return
-    from .._runtime import _C, built_with_cuda
-
-    batch = _BATCHED_COPY and built_with_cuda
-    if batch and destinations[0].is_cuda:
-        # The usual refit: every pair same-device, one dtype, contiguous. The runtime checks all pairs
-        # (in C++, far cheaper than per-pair checks here) before it enqueues anything, so a refusal
-        # leaves nothing copied, and the pairs are then sorted out below.
-        try:
-            _C.batched_copy(list(destinations), list(sources))
-            return
-        except ValueError:
-            pass
-    sources = _prepare(destinations, sources)
-    with torch.no_grad():
-        batched: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        fused_dst, fused_src = [], []
-        for dst, src in zip(destinations, sources):
-            same = dst.is_cuda and src.device == dst.device and src.dtype == dst.dtype
-            if same and batch and dst.shape == src.shape and dst.is_contiguous() and src.is_contiguous():
-                pairs = batched.setdefault(dst.device, ([], []))
-                pairs[0].append(dst)
-                pairs[1].append(src)
-            elif same and dst.numel() * dst.element_size() < _FUSE_BELOW_BYTES:
-                fused_dst.append(dst)
-                fused_src.append(src)
-            else:
-                dst.copy_(src, non_blocking=True)
-        for batch_dst, batch_src in batched.values():  # one device in an engine: one call, one kernel
-            _C.batched_copy(batch_dst, batch_src)
-        if fused_dst:
-            torch._foreach_copy_(fused_dst, fused_src, non_blocking=True)

@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from ..core.errors import OptionError
+
 
 @functools.cache
 def _import_problem() -> str | None:
@@ -58,8 +60,6 @@ def compile_settings(settings, tensorrt_version: str) -> dict:
 
     TensorRT before 10.8 crashed ("misaligned address") running an engine built with REFIT while it
     streamed weights; REFIT_IDENTICAL worked. That combination is refused here, before any build."""
-    from ..errors import OptionError
-
     if settings.weight_streaming and settings.refit == "refit" and _version(tensorrt_version) < (10, 8):
         raise OptionError(
             f"TensorRT {tensorrt_version} crashes ('misaligned address') when an engine built with REFIT "

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from typing import Any, Mapping
+
+import torch
 
 from .errors import OptionError
 
@@ -91,18 +94,20 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.cache_dir, os.PathLike):
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
+        if self.cache_dir:  # the README's "~/.cache/torchtrt_ext" is the user's home, not a folder named "~"
+            object.__setattr__(self, "cache_dir", os.path.expanduser(self.cache_dir))
         if not self.weight_streaming and self.weight_streaming_budget != "auto":
             raise OptionError("option 'weight_streaming_budget' applies only with weight_streaming=True")
-        if self.weight_streaming:
-            from .streaming import parse_budget
+        object.__setattr__(self, "_budget", Budget.parse(self.weight_streaming_budget))
 
-            if isinstance(self.weight_streaming_budget, str) and self.weight_streaming_budget.strip() != "auto":
-                parse_budget(self.weight_streaming_budget, 1, None)  # the form only; sizes are known later
-            elif isinstance(self.weight_streaming_budget, int) and not isinstance(self.weight_streaming_budget, bool):
-                if self.weight_streaming_budget < 0:
-                    raise OptionError(f"weight_streaming_budget must not be negative, got {self.weight_streaming_budget}")
+    @property
+    def budget(self) -> "Budget":
+        """weight_streaming_budget, parsed (here only)."""
+        return self.__dict__["_budget"]
 
     @classmethod
     def from_options(
@@ -143,6 +148,51 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A weight-streaming budget, parsed once: bytes, a share of the streamable weights, or 'auto'
+    (what fits in free device memory, less 1 GiB for activations and the ring)."""
+
+    bytes: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> "Budget":
+        form = "must be bytes (int), a percentage like '40%' or 'auto'"
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise OptionError(f"weight_streaming_budget {form}, got {value!r}")
+        if isinstance(value, int):
+            if value < 0:
+                raise OptionError(f"weight_streaming_budget must not be negative, got {value}")
+            return cls(bytes=value)
+        text = value.strip()
+        if text == "auto":
+            return cls()
+        if text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                percent = -1.0
+            if not 0.0 <= percent <= 100.0:
+                raise OptionError(f"weight_streaming_budget {value!r} must be a percentage from 0% to 100%")
+            return cls(percent=percent)
+        raise OptionError(f"weight_streaming_budget {value!r} {form}")
+
+    def resolve(self, total: int, device: torch.device) -> int:
+        """Bytes to keep resident, of `total` streamable bytes, on `device`."""
+        if self.percent is not None:
+            return int(total * self.percent / 100.0)
+        if self.bytes is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            return max(0, min(total, free - (1 << 30)))
+        if self.bytes > total:
+            raise OptionError(
+                f"weight_streaming_budget {self.bytes} is above the {total} bytes of streamable weights; "
+                f"use at most {total} (or '100%')"
+            )
+        return self.bytes
 
 
 def option_names() -> list[str]:

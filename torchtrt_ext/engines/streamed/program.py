@@ -1,4 +1,4 @@
-"""Weight streaming for the built-in engine: run a graph whose weights do not fit the device budget.
+"""Weight streaming, step 3: the segmented program, compiled segment by segment, and its execution.
 
 The lifted graph is cut, in execution order, into segments that each first use a similar share of the
 weight bytes, and each segment is compiled by Inductor on its own (weights are its inputs, as ever).
@@ -15,16 +15,13 @@ fence is then a dependency inside the graph; a replay is ordered whole on its st
 no fence across replays. A placement change drops the graphs (they read the old ring and resident
 copies) while no call runs; a refit writes in place, so the graphs stay valid.
 
-Placement: weights read by several segments first, then the first segment's (nothing can hide their
-copy), then the rest where it lowers the most-streamed segment, so the copies spread evenly under
-the compute.
+Cuts: partition.py. Which weights stay resident: placement.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import heapq
 import logging
 import operator
 import threading
@@ -32,13 +29,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
+from torch.fx.passes.split_module import split_module
 
-from .errors import OptionError, TorchTRTExtError
-from .lifting import LiftedGraph
+from ...core.errors import TorchTRTExtError
+from ...core.inductor import compile_graph
+from ...core.lifting import LiftedGraph
+from ...core.runtime import _C
+from .partition import move_graph_to, partition, real_example
+from .placement import Placement, aligned
+from .placement import place as placement_of
 
 log = logging.getLogger("torchtrt_ext")
 
-_ALIGN = 256  # bytes: every packed weight starts at a multiple of this
 DEFAULT_SEGMENTS = 24
 # Ring buffers per execution slot: segment k+RING_BUFFERS is copied once segment k is done with its
 # buffer. Two left the copy stream idle whenever one segment's compute ran long (H100, 8x512 at a 50%
@@ -47,155 +49,8 @@ DEFAULT_SEGMENTS = 24
 RING_BUFFERS = 3
 
 
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def parse_budget(budget: int | str, total: int, device: torch.device) -> int:
-    """Bytes of weights to keep resident: an int, 'N%' of the streamable weights, or 'auto'."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
-        raise OptionError(f"weight_streaming_budget must be bytes (int), a percentage like '40%' or 'auto', got {budget!r}")
-    if isinstance(budget, str):
-        text = budget.strip()
-        if text == "auto":
-            free, _ = torch.cuda.mem_get_info(device)
-            return max(0, min(total, free - (1 << 30)))  # leave 1 GiB for activations and the ring
-        if text.endswith("%"):
-            try:
-                percent = float(text[:-1])
-            except ValueError:
-                percent = -1.0
-            if not 0.0 <= percent <= 100.0:
-                raise OptionError(f"weight_streaming_budget {budget!r} must be a percentage from 0% to 100%")
-            return int(total * percent / 100.0)
-        raise OptionError(f"weight_streaming_budget {budget!r} must be bytes (int), a percentage like '40%' or 'auto'")
-    if budget < 0:
-        raise OptionError(f"weight_streaming_budget must not be negative, got {budget}")
-    if budget > total:
-        raise OptionError(
-            f"weight_streaming_budget {budget} is above the {total} bytes of streamable weights; "
-            f"use at most {total} (or '100%')"
-        )
-    return budget
-
-
-def _real(value: Any, device: torch.device) -> Any:
-    """A real tensor like `value` (a fake or meta example) on `device`; other values as they are."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    if any(not isinstance(s, int) for s in value.shape):
-        raise OptionError(
-            "weight streaming compiles for static shapes: compile with dynamic=False (torch.compile) or "
-            "dynamic_batch=False (torchtrt_ext.compile)"
-        )
-    real = torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device=device)
-    return real.zero_()  # zeros: integer inputs (token ids, indices) must be valid where they are used
-
-
-def move_graph_to(gm: torch.fx.GraphModule, device: torch.device) -> None:
-    """Point the graph's own tensor creations (arange, zeros, _to_copy, ...) at `device` where they name
-    the CPU: a model kept on the host is captured there, and runs on the device."""
-    changed = False
-    for node in gm.graph.nodes:
-        dev = node.kwargs.get("device")
-        if dev is not None and torch.device(dev).type == "cpu":
-            node.kwargs = {**node.kwargs, "device": device}
-            changed = True
-        if any(isinstance(a, torch.device) and a.type == "cpu" for a in node.args):  # x.to(device)
-            node.args = tuple(device if isinstance(a, torch.device) and a.type == "cpu" else a for a in node.args)
-            changed = True
-    if changed:
-        gm.recompile()
-
-
-# Ops whose outputs live in memory whatever the cuts (Inductor runs them as library calls), and the
-# views and tuple items that only look into those outputs.
-_MATERIALISED = {
-    "mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "convolution", "_convolution", "conv1d", "conv2d",
-    "conv3d", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-}
-_VIEWS = {
-    "getitem", "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand",
-    "slice", "select", "alias", "detach",
-}
-
-
-def _radical_inverse(k: int) -> float:
-    """k's binary digits mirrored after the point: 0, 1/2, 1/4, 3/4, 1/8, ... (van der Corput)."""
-    value, scale = 0.0, 0.5
-    while k:
-        value += scale * (k & 1)
-        k >>= 1
-        scale /= 2
-    return value
-
-
-def _op_name(node: torch.fx.Node) -> str:
-    target = node.target
-    if target is operator.getitem:
-        return "getitem"
-    name = getattr(target, "__name__", str(target))
-    return name.split(".")[0]
-
-
-def _partition(gm: torch.fx.GraphModule, weight_nodes: dict[torch.fx.Node, int], sizes: list[int], segments: int) -> dict[torch.fx.Node, int]:
-    """Each compute node's segment, in execution order, each first-using about 1/segments of the weight
-    bytes. Values that cross a cut are written to memory, and Inductor cannot fuse across it; a cut in
-    the middle of a fused chain (between a residual add and the norm after it, say) costs kernel
-    launches on every call. So each cut goes, within half a share of its byte target, where the fewest
-    values that would otherwise stay in registers cross it (outputs of matmuls, convolutions and
-    attention are in memory anyway), nearest the target on a tie: between blocks, in a transformer."""
-    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    index = {n: i for i, n in enumerate(nodes)}
-    count = len(nodes)
-    in_memory: dict[torch.fx.Node, bool] = {}
-    cum = [0] * (count + 1)  # weight bytes first used by nodes[:c]
-    diff = [0] * (count + 2)
-    seen: set[int] = set()
-    for i, n in enumerate(nodes):
-        op = _op_name(n)
-        source = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
-        in_memory[n] = op in _MATERIALISED or (op in _VIEWS and source is not None and in_memory.get(source, False))
-        new = [weight_nodes[a] for a in n.all_input_nodes if a in weight_nodes and weight_nodes[a] not in seen]
-        seen.update(new)
-        cum[i + 1] = cum[i] + sum(sizes[w] for w in dict.fromkeys(new))
-        last = max((index.get(u, count) for u in n.users), default=i)
-        if last > i and not in_memory[n]:  # crosses every cut c with i < c <= last
-            diff[i + 1] += 1
-            diff[last + 1] -= 1
-    cost = [0] * (count + 1)
-    running = 0
-    for c in range(count + 1):
-        running += diff[c]
-        cost[c] = running
-    total = cum[count]
-    share = max(1, total // max(1, segments))
-    cuts: list[int] = []
-    base = 0  # weight bytes before the last cut
-    while base + share < total:
-        target, low = base + share, (cuts[-1] + 1 if cuts else 1)
-        inside = [c for c in range(low, count) if base < cum[c] < total and abs(cum[c] - target) <= share // 2]
-        if inside:
-            cut = min(inside, key=lambda c: (cost[c], abs(cum[c] - target), c))
-        else:  # one weight larger than the window (a big embedding, say): cut right after the target
-            after = [c for c in range(low, count) if target <= cum[c] < total]
-            if not after:
-                break
-            cut = after[0]
-        cuts.append(cut)
-        base = cum[cut]
-    part: dict[torch.fx.Node, int] = {}
-    seg = 0
-    for i, n in enumerate(nodes):
-        while seg < len(cuts) and i >= cuts[seg]:
-            seg += 1
-        part[n] = seg
-    return part
 
 
 @dataclasses.dataclass
@@ -205,39 +60,26 @@ class _Segment:
     weights: list[int]  # weight indices used, in first-argument order
 
 
-@dataclasses.dataclass
-class Placement:
-    budget: int
-    resident: set[int]
-    resident_bytes: int
-    streamed: list[list[int]]  # per segment: the weights it streams
-    offsets: list[list[int]]  # per segment: ring offsets of those weights
-    ring_bytes: int  # one ring buffer (there are RING_BUFFERS per execution slot)
-    version: int
-
-
 class _SlotState:
-    """One execution slot's ring and fences. The fences are the runtime's CUDA events (handles), and each
+    """One execution slot's ring and fences. The fences are the runtime's CUDA events (_C.Event), and each
     segment's fences and copies are one runtime call: Python's stream contexts and event wrappers cost
     tens of microseconds per segment on a slow host, which a host-bound step pays in full."""
 
-    def __init__(self, device_index: int, copy_stream: int | None):
-        self.copy_stream = copy_stream  # a stream handle (CUDA), None on the CPU
-        from ._runtime import _C
-
-        self.copied: list[int] = []
-        self.freed: list[int] = []
+    def __init__(self, device_index: int, copy_stream: Any):
+        self.copy_stream = copy_stream  # the runtime's _C.CopyStream (CUDA), None on the CPU
+        self.copied: list[Any] = []
+        self.freed: list[Any] = []
         if copy_stream is not None:
-            self.copied = [_C.create_event(device_index) for _ in range(RING_BUFFERS)]
-            self.freed = [_C.create_event(device_index) for _ in range(RING_BUFFERS)]
+            self.copied = [_C.Event(device_index) for _ in range(RING_BUFFERS)]
+            self.freed = [_C.Event(device_index) for _ in range(RING_BUFFERS)]
         # Per ring buffer, what its next copy waits for: the freed event once a segment has recorded it
-        # (the end of the buffer's last reader), 0 before any has.
-        self.free = [0] * RING_BUFFERS
+        # (the end of the buffer's last reader), None before any has.
+        self.free: list[Any] = [None] * RING_BUFFERS
         # Recorded on the caller's stream at the start of a call whose first copies must follow all the
         # caller's work so far: under capture (how the copy stream joins it), and in every call once the
         # slot has been captured (its freed events were last recorded inside a capture, where a record
         # marks a dependency of the graph, not a point a later call can wait for).
-        self.fork = _C.create_event(device_index) if copy_stream is not None else 0
+        self.fork = _C.Event(device_index) if copy_stream is not None else None
         self.captured = False
         self.version = -1
         self.ring: list[torch.Tensor] = []
@@ -248,20 +90,11 @@ class _SlotState:
         # index of a value in the call's environment. Built once per placement, read on every call.
         self.args: list[list[Any]] = []
 
-    def __del__(self) -> None:
-        if self.copied or self.freed:
-            from ._runtime import _C
-
-            for event in self.copied + self.freed + [self.fork]:  # CUDA frees an event only once its work is done
-                _C.destroy_event(event)
-
 
 class StreamedProgram:
     """The segmented, separately compiled graph and its streaming state (see the module doc)."""
 
     def __init__(self, lifted: LiftedGraph, device: torch.device, segments: int = DEFAULT_SEGMENTS):
-        from torch.fx.passes.split_module import split_module
-
         # CUDA is what streaming is for (and what the engine option requires); on the CPU the same
         # program runs with synchronous copies, which is how its logic is tested without a GPU.
         self.device = device
@@ -275,7 +108,7 @@ class StreamedProgram:
 
         # 1. Cut points (see _partition).
         weight_nodes = {placeholders[p]: w for p, w in weight_of.items()}
-        part = _partition(gm, weight_nodes, [_nbytes(t) for t in self._weights], segments)
+        part = partition(gm, weight_nodes, [_nbytes(t) for t in self._weights], segments)
         split = split_module(gm, None, lambda n: part.get(n, 0), keep_original_order=True)
 
         # 2. A flat program over the split graph; each submodule compiled on its own.
@@ -298,7 +131,7 @@ class StreamedProgram:
                     self._weight_env[env_of[node]] = weight_of[ph_index]
                 else:
                     inputs_env[input_positions[ph_index]] = env_of[node]
-                    examples[env_of[node]] = _real(lifted.example_args[ph_index], self.device)
+                    examples[env_of[node]] = real_example(lifted.example_args[ph_index], self.device)
                 ph_index += 1
             elif node.op == "call_module":
                 sub = getattr(split, node.target)
@@ -346,7 +179,7 @@ class StreamedProgram:
         self._masters: list[torch.Tensor] = [None] * len(self._weights)  # type: ignore[list-item]
         for k in range(len(self.segments)):
             mine = [w for w, s in first.items() if s == k]
-            size = sum(_aligned(_nbytes(self._weights[w])) for w in mine)
+            size = sum(aligned(_nbytes(self._weights[w])) for w in mine)
             pack = torch.empty(max(size, 1), dtype=torch.uint8)
             if self._cuda:
                 pack = pack.pin_memory()
@@ -356,14 +189,14 @@ class StreamedProgram:
                 view = pack[offset : offset + _nbytes(t)].view(t.dtype).view(t.shape)
                 view.copy_(t.detach())
                 self._masters[w] = view
-                offset += _aligned(_nbytes(t))
+                offset += aligned(_nbytes(t))
         for w, t in enumerate(self._weights):  # weights no segment reads (none expected)
             if self._masters[w] is None:
                 self._masters[w] = t.detach().cpu().pin_memory() if self._cuda else t.detach().cpu().clone()
         self._weights = []  # the model's tensors are no longer needed here
         # What run() reads, published as one tuple (placement, resident copies) so that a call sees
         # one placement whole; place() and load() wait for calls in progress and hold new ones back.
-        self._state: tuple[Placement, dict[int, torch.Tensor]] | None = None
+        self._state: tuple[Placement, dict[int, torch.Tensor], int] | None = None  # with its version
         self._slots: dict[int, _SlotState] = {}
         self._copy_streams: dict[int, Any] = {}
         self._cond = threading.Condition()
@@ -406,8 +239,6 @@ class StreamedProgram:
     ) -> tuple[_Segment, Any]:
         """Compile one segment for its example inputs and run it once on them (uninitialised values:
         only the outputs' shapes and layouts matter, as examples for the segments after it)."""
-        from .inductor import compile_graph
-
         inputs = []
         for (kind, i), p in zip(args, (n for n in sub.graph.nodes if n.op == "placeholder")):
             if kind == "v":
@@ -426,84 +257,20 @@ class StreamedProgram:
     def place(self, budget: int) -> Placement:
         """Keep up to `budget` bytes of weights resident; stream the rest. Waits until no call runs."""
         sizes = [_nbytes(m) for m in self._masters]
-        uses: dict[int, int] = {}
-        for seg in self.segments:
-            for w in set(seg.weights):
-                uses[w] = uses.get(w, 0) + 1
-        resident: set[int] = set()
-        left = budget
-
-        def take(ws: Sequence[int]) -> None:
-            nonlocal left
-            for w in sorted(ws, key=lambda w: -sizes[w]):
-                if w not in resident and sizes[w] <= left:
-                    resident.add(w)
-                    left -= sizes[w]
-
-        take([w for w, n in uses.items() if n > 1])  # read by several segments: streamed each time otherwise
-        if self.segments:
-            take(self.segments[0].weights)  # nothing runs before the first segment to hide its copy
-        per_seg = [sorted(set(s.weights), key=lambda w: -sizes[w]) for s in self.segments]
-        # Then the rest of the budget where it lowers the most-streamed segment: repeatedly, the largest
-        # weight that still fits, of the segment that streams the most. The copies then spread evenly
-        # under the compute. (A water level filled up in segment order left early segments streaming
-        # 17 MB and later ones 65 MB at a 50% budget on the Llama: the copy stream idled early and the
-        # compute waited late, 1.22x the floor at 8x512.)
-        users: dict[int, list[int]] = {}
-        for k, ws in enumerate(per_seg):
-            for w in ws:
-                users.setdefault(w, []).append(k)
-        load = [sum(sizes[w] for w in ws if w not in resident) for ws in per_seg]
-        # Equal loads are lowered in an order that spreads over the program (0, 1/2, 1/4, 3/4, ...), so
-        # where weights are too coarse for every segment to stream alike, heavier and lighter segments
-        # alternate and the ring lets the copies bank the light ones' slack.
-        rank = {k: r for r, k in enumerate(sorted(range(len(per_seg)), key=_radical_inverse))}
-        heap = [(-load[k], rank[k], k) for k in range(len(per_seg)) if load[k]]
-        heapq.heapify(heap)
-        while heap and left > 0:
-            negative, _, k = heapq.heappop(heap)
-            if -negative != load[k]:
-                continue  # stale: the segment's load changed since this entry was pushed
-            fit = next((w for w in per_seg[k] if w not in resident and sizes[w] <= left), None)
-            if fit is None:
-                continue  # nothing of this segment fits any more
-            resident.add(fit)
-            left -= sizes[fit]
-            for j in users[fit]:
-                load[j] -= sizes[fit]
-                if load[j]:
-                    heapq.heappush(heap, (-load[j], rank[j], j))
-        streamed, offsets = [], []
-        ring = 0
-        for ws in per_seg:
-            mine = [w for w in ws if w not in resident]
-            offs, at = [], 0
-            for w in mine:
-                offs.append(at)
-                at += _aligned(sizes[w])
-            streamed.append(mine)
-            offsets.append(offs)
-            ring = max(ring, at)
+        placement = placement_of(sizes, [seg.weights for seg in self.segments], budget)
         with self._exclusive():  # no call runs; none has GPU work left
             if self.on_placement_change is not None:
                 self.on_placement_change()
             self._slots.clear()  # rings are sized per placement (dropped first: less peak memory)
             self._version += 1
             old = self._resident
-            fresh = {w: old[w] if w in old else self._masters[w].to(self.device, non_blocking=True) for w in sorted(resident)}
+            fresh = {
+                w: old[w] if w in old else self._masters[w].to(self.device, non_blocking=True) for w in sorted(placement.resident)
+            }
             del old
-            placement = Placement(
-                budget=budget,
-                resident=resident,
-                resident_bytes=sum(sizes[w] for w in resident),
-                streamed=streamed,
-                offsets=offsets,
-                ring_bytes=ring,
-                version=self._version,
-            )
             self._state = None
             self._synchronize()  # the resident copies have arrived before any call reads them
-            self._state = (placement, fresh)
+            self._state = (placement, fresh, self._version)
         log.info(
             "torchtrt_ext: weight streaming: %.1f of %.1f MiB resident (budget %.1f MiB), %d segments, ring %d x %.1f MiB",
             self.placement.resident_bytes / 2**20,
@@ -511,17 +278,17 @@ class StreamedProgram:
             budget / 2**20,
             len(self.segments),
             RING_BUFFERS,
-            ring / 2**20,
+            placement.ring_bytes / 2**20,
         )
-        return self.placement
+        return placement
 
     # --- execution ----------------------------------------------------------------------------
 
-    def _slot(self, slot: int, placement: Placement, resident: dict[int, torch.Tensor]) -> _SlotState:
+    def _slot(self, slot: int, placement: Placement, resident: dict[int, torch.Tensor], version: int) -> _SlotState:
         st = self._slots.get(slot)
-        if st is None or st.version != placement.version:
+        if st is None or st.version != version:
             st = _SlotState(self._device_index() if self._cuda else -1, self._copy_stream(slot))
-            st.version = placement.version
+            st.version = version
             if placement.ring_bytes:
                 st.ring = [torch.empty(placement.ring_bytes, dtype=torch.uint8, device=self.device) for _ in range(RING_BUFFERS)]
             for r in range(RING_BUFFERS if placement.ring_bytes else 0):
@@ -558,10 +325,6 @@ class StreamedProgram:
                 self._active -= 1
                 self._cond.notify_all()
 
-    def run(self, inputs: Sequence[Any], slot: int) -> list[Any]:
-        with self.calling():
-            return self._run(inputs, slot)
-
     def _copy_stream(self, slot: int) -> Any:
         """The slot's copy stream: the runtime's own (a pool stream could be the caller's, and copies
         on it would wait behind the compute), made once per slot and kept across placements."""
@@ -569,21 +332,17 @@ class StreamedProgram:
             return None
         stream = self._copy_streams.get(slot)
         if stream is None:
-            from ._runtime import _C
-
-            stream = self._copy_streams[slot] = _C.create_stream(self._device_index())
+            stream = self._copy_streams[slot] = _C.CopyStream(self._device_index())
         return stream
 
     def _device_index(self) -> int:
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
-    def _run(self, inputs: Sequence[Any], slot: int) -> list[Any]:
-        from ._runtime import _C
-
+    def execute(self, inputs: Sequence[Any], slot: int) -> list[Any]:
         if self._state is None:
             raise TorchTRTExtError("weight streaming has no placement yet")
-        placement, resident = self._state  # one placement for the whole call
-        st = self._slot(slot, placement, resident)
+        placement, resident, version = self._state  # one placement for the whole call
+        st = self._slot(slot, placement, resident, version)
         cuda = self._cuda
         device = self._device_index() if cuda else -1
         n = len(self.segments)
@@ -682,56 +441,3 @@ class StreamedProgram:
         """(resident weight bytes, ring bytes over all execution slots) on the device."""
         ring = sum(_nbytes(t) for st in list(self._slots.values()) for t in st.ring)
         return sum(_nbytes(t) for t in self._resident.values()), ring
-
-
-class WeightStreaming:
-    """``with torchtrt_ext.weight_streaming(model) as ws: ws.device_budget = ...``: the streaming
-    engines of a compiled model, their budget readable and settable at run time."""
-
-    def __init__(self, engines: list):
-        if not engines:
-            raise TorchTRTExtError(
-                "this model has no weight-streaming engines: compile it with weight_streaming=True and call it once"
-            )
-        self._engines = engines
-
-    def __enter__(self) -> "WeightStreaming":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(e._streamed.total_bytes for e in self._engines)
-
-    @property
-    def device_budget(self) -> int:
-        return sum(e._streamed.placement.budget for e in self._engines)
-
-    @device_budget.setter
-    def device_budget(self, budget: int | str) -> None:
-        total = self.total_bytes
-        wanted = parse_budget(budget, total, self._engines[0].device)
-        for e in self._engines:  # shared in proportion to each engine's weights
-            share = wanted * e._streamed.total_bytes // total if total else 0
-            e._streamed.place(share)
-
-    @property
-    def resident_bytes(self) -> int:
-        return sum(e._streamed.placement.resident_bytes for e in self._engines)
-
-    @property
-    def ring_bytes(self) -> int:
-        return sum(RING_BUFFERS * e._streamed.placement.ring_bytes for e in self._engines)
-
-
-def weight_streaming(compiled: Any) -> WeightStreaming:
-    from . import registry
-    from .wrapper import CompiledModule
-
-    if isinstance(compiled, CompiledModule):
-        engines = compiled.engines
-    else:
-        engines = registry.engines_of(getattr(compiled, "_orig_mod", compiled))
-    return WeightStreaming([e for e in engines if getattr(e, "_streamed", None) is not None])

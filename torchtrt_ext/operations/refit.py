@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import weakref
 from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
-from . import registry
-from .engines.base import Engine
-from .errors import RefitError
-from .weights_io import WeightSource, open_weights
+from ..core import registry
+from ..core.errors import RefitError
+from ..core.weight_sources import WeightSource, open_weights
+from ..engines import Engine
+from .program import CompiledProgram
 
 _MAX_LISTED = 20
 
@@ -48,15 +50,13 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
     The copies are ordered on the caller's current CUDA stream; calls that start after refit returns,
     on any stream, compute with the new weights.
     """
-    from .wrapper import CompiledModule
-
     start = time.perf_counter()
     engines, indexes, model_names, required = _engines_of(compiled)
     eager_module = _eager_parts_of(compiled)
     with contextlib.ExitStack() as held, open_weights(weights) as source:
-        if isinstance(compiled, CompiledModule):
-            held.enter_context(compiled._weights_lock)  # the wrapper's auto-refit waits, then sees this
-            compiled._follow_weights()  # changes to the model made before this refit come first
+        if isinstance(compiled, CompiledProgram):
+            held.enter_context(compiled.weights_lock)  # the wrapper's auto-refit waits, then sees this
+            compiled.sync_weights()  # changes to the model made before this refit come first
         for engine in sorted(engines, key=id):  # one order everywhere: no deadlock between refits
             held.enter_context(engine.refit_lock)
         plan, unused, missing = _plan(engines, indexes, source, strict, model_names, required)
@@ -70,10 +70,9 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
                 target.copy_(value, non_blocking=True)
                 written += target.nbytes
         unused = unused - set(eager)
-        if isinstance(compiled, CompiledModule):
-            compiled._watch.accept_all()  # what the model holds now is what the engines were given
-            if not missing & required:  # stripped files keep the rest (constants, non-persistent buffers)
-                compiled._weights_missing = False  # a stripped module is complete once every weight came
+        if isinstance(compiled, CompiledProgram):
+            # complete once every state_dict weight came (stripped files keep constants, non-persistent buffers)
+            compiled.weights_given(complete=not missing & required)
     updated = sorted(_names_loaded(plan, indexes) | set(eager))
     return RefitReport(
         updated=tuple(updated),
@@ -88,10 +87,8 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
 def _eager_parts_of(compiled: Any) -> torch.nn.Module | None:
     """The model whose code dynamo may run partly in eager mode (a frame it skipped, such as a loop
     with a graph break inside): its own tensors must take the new values too. None elsewhere."""
-    from .wrapper import CompiledModule
-
-    if isinstance(compiled, CompiledModule):
-        return compiled.original if compiled.uses_dynamo else None
+    if isinstance(compiled, CompiledProgram):
+        return compiled.model if compiled.uses_dynamo else None
     if isinstance(compiled, torch.nn.Module):
         return getattr(compiled, "_orig_mod", compiled)
     return None
@@ -132,23 +129,19 @@ def _engines_of(
     Engines that dynamo built know their weights by names relative to the frame it captured (a layer's
     own forward, after a graph break): for a model, each engine's weights are named by the model's own
     names, matched by tensor (registry.names_in)."""
-    from .wrapper import CompiledModule
-
     if isinstance(compiled, Engine):
         return [compiled], [compiled.weight_index()], None, None
     if isinstance(compiled, (list, tuple)) and compiled and all(isinstance(e, Engine) for e in compiled):
         return list(compiled), [e.weight_index() for e in compiled], None, None
-    if isinstance(compiled, CompiledModule):
-        engines, module, names = compiled.engines, compiled.original, compiled.weight_names
+    if isinstance(compiled, CompiledProgram):
+        engines, module, names = compiled.engines, compiled.model, compiled.weight_names
         required = compiled.state_dict_names
-        by_tensor = compiled.uses_dynamo
     elif isinstance(compiled, torch.nn.Module):
         module = getattr(compiled, "_orig_mod", compiled)  # torch.compile's OptimizedModule
         engines = registry.engines_of(module)
         names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
         names.update(n for n, _ in module.named_buffers(remove_duplicate=False))
         required = frozenset(module.state_dict(keep_vars=True))
-        by_tensor = True
     else:
         raise TypeError(
             "refit takes what torchtrt_ext.compile returned, a module compiled with "
@@ -159,7 +152,10 @@ def _engines_of(
             f"{type(module).__name__} has no torchtrt_ext engines yet: they are built at the first call "
             "(or from example_inputs); call the compiled module once before refitting"
         )
-    indexes = [registry.names_in(e, module) if by_tensor else e.weight_index() for e in engines]
+    if isinstance(compiled, CompiledProgram):
+        indexes = [compiled.weight_names_of(e) for e in engines]
+    else:
+        indexes = [registry.names_in(e, module) for e in engines]
     return engines, indexes, names, required
 
 
@@ -242,12 +238,15 @@ def _targets(
 ) -> list[tuple[str, int, torch.Size, torch.dtype]]:
     """(name, index, shape, dtype) of each engine weight; kept on the engine, as an engine's weights
     never change shape or dtype (rebuilt should the weight index or the table's length change)."""
-    cached = getattr(engine, "_refit_targets", None)
+    cached = _targets_of.get(engine)
     if cached is not None and cached[0] is index and cached[1] == len(current):
         return cached[2]
     targets = [(name, i, current[i].shape, current[i].dtype) for name, i in index.items()]
-    engine._refit_targets = (index, len(current), targets)  # type: ignore[attr-defined]
+    _targets_of[engine] = (index, len(current), targets)
     return targets
+
+
+_targets_of: "weakref.WeakKeyDictionary[Engine, tuple]" = weakref.WeakKeyDictionary()
 
 
 def weight_mismatch(shape: torch.Size, dtype: torch.dtype, target: torch.Tensor) -> str | None:

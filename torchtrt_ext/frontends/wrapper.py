@@ -10,95 +10,33 @@ call that fits none gets a new variant, up to ``max_variants``. When export cann
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
-import itertools
 import logging
 import os
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 
-from . import engine_cache, lifting, registry
+from ..core import lifting, registry
+from ..core.errors import EngineFileError, InputError, RefitError, TorchTRTExtError
+from ..core.settings import Settings
+from ..core.signature import InputSignature
+from ..engines import Engine, build_engine, resolve_kind
+from ..operations import engine_cache, files
+from ..operations.program import CompiledProgram
+from . import capture, routing
 from .backend import torchtrt_ext_backend
-from .engines import Engine, build_engine, resolve_kind
-from ._runtime import WeightWatch
-from .errors import EngineFileError, InputError, RefitError, TorchTRTExtError
-from .refit import weight_mismatch
-from .settings import Settings
-from .signature import InputSignature
+from .following import FollowsWeights
+from .variant import Variant, first_line
 
 log = logging.getLogger("torchtrt_ext")
 
 
-class _Variant:
-    """One compiled input signature: its engine, the in-place updates its graph returns first (the
-    model's buffers, such as BatchNorm statistics in training mode, or caller inputs changed in place),
-    and the structure of the outputs."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        signature: InputSignature,
-        out_spec: pytree.TreeSpec,
-        updates: Sequence[torch.Tensor | int],
-        description: dict,
-    ):
-        self.engine = engine
-        self.signature = signature
-        self.out_spec = out_spec
-        self._updates = list(updates)  # per leading graph output: a model buffer, or a caller-input index
-        # JSON: where the weights and inputs go (LiftedGraph.describe) and what the updates are (a
-        # buffer's name, or a caller-input index): with the signature and out_spec, all that binds the
-        # engine's compiled code to a model again (binding()).
-        self._description = description
-        self._exported: torch.export.ExportedProgram | None = None  # the graph it was built from
-        self._read_exported: Callable[[], torch.export.ExportedProgram] | None = None  # or how to get it
-        self.from_cache = False  # built from an engine cache entry
-
-    @property
-    def exported(self) -> torch.export.ExportedProgram | None:
-        """The graph (save needs it). A variant built from compiled code alone deserializes it the first
-        time (torch.export.load of the graph bytes read with the engine file, kept in memory)."""
-        if self._exported is None and self._read_exported is not None:
-            self._exported = self._read_exported()
-            self._read_exported = None
-        return self._exported
-
-    @exported.setter
-    def exported(self, ep: torch.export.ExportedProgram | None) -> None:
-        self._exported = ep
-
-    def binding(self) -> dict | None:
-        """What an engine file holds with the compiled code (JSON), checked to read back; None, with a
-        warning, where something cannot be written down (an input or output structure of a type
-        without a serialized name, say): the file then holds the graph alone."""
-        try:
-            binding = {
-                **self._description,
-                "signature": self.signature.to_json(),
-                "out_spec": pytree.treespec_dumps(self.out_spec),
-            }
-            InputSignature.from_json(binding["signature"])
-            pytree.treespec_loads(binding["out_spec"])
-        except Exception as exc:
-            log.warning("torchtrt_ext: the compiled code is not kept in the engine file (%s)", _first_line(exc))
-            return None
-        return binding
-
-    def __call__(self, flat: Sequence[Any]) -> Any:
-        outputs = self.engine(*flat)
-        if self._updates:
-            with torch.no_grad():
-                for target, value in zip(self._updates, outputs):
-                    (flat[target] if isinstance(target, int) else target).copy_(value)
-            outputs = outputs[len(self._updates) :]
-        return pytree.tree_unflatten(outputs, self.out_spec)
-
-
-class CompiledModule(torch.nn.Module):
+class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
     """An ``nn.Module`` that runs the original module's forward on torchtrt_ext engines."""
 
     def __init__(self, module: torch.nn.Module, settings: Settings):
@@ -111,12 +49,16 @@ class CompiledModule(torch.nn.Module):
         self.training = module.training
         self.__dict__["_original"] = module  # not a submodule: state_dict names stay the original's
         self.settings = settings
-        self._variants: list[_Variant] = []
+        self._variants: list[Variant] = []
         self._dynamo: Any = None
         self._forward_signature = inspect.signature(module.forward)
-        self._watch, self._watched, self._watched_names = _watch_weights(module)
+        self._watch, self._watched, self._watched_names = capture.watch_weights(module)
         self._weights_lock = threading.RLock()
         self._weights_missing = False  # loaded from a weight-stripped file, not refitted yet
+        # Concurrent first calls of one signature: one compiles, the others wait and then use it.
+        self._compile_lock = threading.Lock()
+        self._trainable = [p for p in module.parameters()]
+        self._warned: set[str] = set()
 
     @property
     def state_dict_names(self) -> frozenset[str]:
@@ -134,58 +76,42 @@ class CompiledModule(torch.nn.Module):
             names = self.__dict__["_weight_names"] = frozenset(self._watched_names)
         return names
 
-    def _follow_weights(self) -> None:
-        """Auto-refit: where the model's weights were replaced or written in place since the last
-        call (load_state_dict, an optimizer step, assignment), make the engines use the new values.
-        One pass of the runtime's WeightWatch when nothing changed."""
-        if not self._watch.changed() or self.settings.refit == "none":
-            return
-        with self._weights_lock:  # a refit on another thread may be loading these very weights
-            changed = self._watch.changed()
-            if changed:
-                self._follow(changed)
+    # --- the surface the operations use (operations.program.CompiledProgram) -----------------------
 
-    def _follow(self, changed: list[int]) -> None:
-        current: dict[str, torch.Tensor] = {}
-        for i in changed:
-            owner, key = self._watched[i]
-            value = owner.get(key)
-            if isinstance(value, torch.Tensor):
-                current[self._watched_names[i]] = value
-        engines = self.engines
-        problems: dict[str, str] = {}
-        indexes = [self.weight_names_of(engine) for engine in engines]
-        for engine, index in zip(engines, indexes):  # everything checked before any engine changes
-            tensors = engine.weight_tensors()
-            any_device = engine.settings.weight_streaming  # the engine copies weights from anywhere
-            for name, t in current.items():
-                if name in index and not _follows(t, tensors[index[name]], any_device):
-                    old = tensors[index[name]]
-                    problems[name] = (
-                        f"is now {tuple(t.shape)} {t.dtype} on {t.device}, but the engine was compiled for "
-                        f"{tuple(old.shape)} {old.dtype} on {old.device}"
-                    )
-        if problems:
-            raise RefitError(
-                f"{type(self.original).__name__}'s weights changed in a way the compiled engines cannot "
-                "follow; compile the model again with torchtrt_ext.compile:\n"
-                + "\n".join(f"  {n}: {p}" for n, p in sorted(problems.items())),
-                problems,
-            )
-        for engine, index in zip(engines, indexes):
-            with engine.refit_lock:
-                engine.follow({index[name]: t for name, t in current.items() if name in index})
-            registry.add(engine, list(engine.weight_tensors()))
-        for i in changed:
-            self._watch.accept(i)
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.__dict__["_original"]
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._follow_weights()  # now, so that a weight the engines cannot take fails here
-        return result
+    @property
+    def variants(self) -> list[Variant]:
+        return self._variants
+
+    @property
+    def weights_lock(self) -> threading.RLock:
+        return self._weights_lock
+
+    @property
+    def forward_signature(self) -> inspect.Signature:
+        return self._forward_signature
+
+    def sync_weights(self) -> None:
+        self._follow_weights()
+
+    def weights_given(self, complete: bool) -> None:
+        self._watch.accept_all()  # what the model holds now is what the engines were given
+        if complete:
+            self._weights_missing = False
+
+    def add_loaded(self, contents: Any, forward_signature: inspect.Signature, weights_included: bool) -> None:
+        """Take every variant of a loaded engine file (files.Contents) as this module's own."""
+        self._forward_signature = forward_signature
+        for i in range(len(contents.header.programs)):
+            self._variants.append(self._variant_from_file(contents, i, None))
+        self._weights_missing = not weights_included
 
     @property
     def original(self) -> torch.nn.Module:
+        """The user's model (the same as .model)."""
         return self.__dict__["_original"]
 
     @property
@@ -209,14 +135,32 @@ class CompiledModule(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_original"], name)  # e.g. a Hugging Face model's .config
+            pass
+        original = self.__dict__["_original"]
+        value = getattr(original, name)  # e.g. a Hugging Face model's .config
+        if inspect.ismethod(value) and value.__self__ is original and not name.startswith("_"):
+            return functools.partial(routing.call_routed, self, value)  # generate(), encode(), ...
+        return value
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if routing.inside.depth:  # the model's forward, called from inside this one (capture, eager, dynamo)
+            return type(self.original).forward(self.original, *args, **kwargs)
+        routing.inside.depth += 1
+        try:
+            return self._forward(args, kwargs)
+        finally:
+            routing.inside.depth -= 1
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
         if self._weights_missing:
             raise RefitError(
                 "this module was loaded from a weight-stripped engine file and has no weights yet: "
                 "torchtrt_ext.refit(module, checkpoint) first"
             )
+        eager = self._eager_reason(args, kwargs)
+        if eager is not None:
+            self._warn_once(eager, f"torchtrt_ext: {eager}, so this call runs {type(self.original).__name__} eagerly")
+            return self.original(*args, **kwargs)
         self._follow_weights()
         if self._dynamo is not None:
             return self._dynamo(*args, **kwargs)
@@ -225,8 +169,74 @@ class CompiledModule(torch.nn.Module):
         for variant in self._variants:
             if variant.signature.mismatch(spec, flat) is None:
                 return variant(flat)
-        variant = self._add_variant(args, kwargs, flat, spec)
-        return self._dynamo(*args, **kwargs) if variant is None else variant(flat)
+        with self._compile_lock:  # one compile per signature; threads that waited use its result
+            for variant in self._variants:
+                if variant.signature.mismatch(spec, flat) is None:
+                    return variant(flat)
+            variant = self._add_variant(args, kwargs, flat, spec)
+            if variant is None:
+                return self._dynamo(*args, **kwargs)
+            try:
+                return variant(flat)
+            except Exception:  # a variant that cannot run its own first call is not kept
+                self._variants.remove(variant)
+                self._raise_as_eager(args, kwargs)
+                raise
+
+    def _raise_as_eager(self, args: tuple, kwargs: dict) -> None:
+        """Where the model itself rejects these inputs (a wrong size or dtype), raise its own error,
+        not the symbolic one of a trace; return where eager takes them."""
+        try:  # on copies: the model may write into its inputs (a KV cache appends to itself)
+            args, kwargs = copy.deepcopy((args, kwargs))
+        except Exception:  # inputs that cannot be copied: no eager check
+            return
+        try:
+            with torch.no_grad(), capture.eval_mode(self.original):
+                self.original(*args, **kwargs)
+        except Exception as eager:
+            raise eager.with_traceback(None) from None
+
+    def drop_variants(self, why: str) -> None:
+        """Forget every compiled signature: the next call compiles for the model as it is now."""
+        log.info("torchtrt_ext: %s: %s; its engines are compiled again at the next call", type(self.original).__name__, why)
+        self._variants.clear()
+        self._trainable = list(self.original.parameters())
+
+    def _eager_reason(self, args: tuple, kwargs: dict) -> str | None:
+        """Why this call cannot run on the engines, which compute inference in eval mode, or None.
+        Training mode (dropout, batch statistics) and gradients run the original model itself."""
+        if self.original.training:
+            return (
+                f"{type(self.original).__name__} is in training mode and the engines compute eval mode only "
+                "(call .eval() to use them)"
+            )
+        if torch.is_grad_enabled():
+            if any(p.requires_grad for p in self._trainable) or any(
+                isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in pytree.tree_leaves((args, kwargs))
+            ):
+                return (
+                    "gradients are needed (grad mode is on and parameters or inputs require grad) and the engines "
+                    "compute no gradients (call under torch.no_grad() or torch.inference_mode() to use them)"
+                )
+        return None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def train(self, mode: bool = True) -> "CompiledModule":
+        """Sets the original model's mode (the engines run in eval mode only; see forward)."""
+        self.original.train(mode)
+        self.training = mode
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a torchtrt_ext compiled module cannot be pickled, copied or saved with torch.save (its engines "
+            "hold compiled code and device state): use torchtrt_ext.save(module, path) and "
+            "torchtrt_ext.load(path), or compile a copy of the model"
+        )
 
     def _normalize(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """One form per call: arguments that can be positional are, the rest sorted by name."""
@@ -238,9 +248,9 @@ class CompiledModule(torch.nn.Module):
             return args, dict(sorted(kwargs.items()))  # the forward itself will say what is wrong
         return bound.args, dict(sorted(bound.kwargs.items()))
 
-    def _add_variant(self, args: tuple, kwargs: dict, flat: list, spec: pytree.TreeSpec) -> _Variant | None:
+    def _add_variant(self, args: tuple, kwargs: dict, flat: list, spec: pytree.TreeSpec) -> Variant | None:
         if not self.settings.weight_streaming:  # streaming: the inputs give the device, the model may stay on the host
-            self._check_devices(flat)
+            capture.check_devices(self.original, args, kwargs, self._forward_signature)
         if len(self._variants) >= self.settings.max_variants:
             reason = self._variants[0].signature.mismatch(spec, flat)
             raise InputError(
@@ -249,6 +259,7 @@ class CompiledModule(torch.nn.Module):
                 "max_variants or call with inputs like those already compiled"
             )
         first = not self._variants
+        self._remember_values()
         if self.settings.frontend == "dynamo":
             self._use_dynamo()
             return None
@@ -260,21 +271,22 @@ class CompiledModule(torch.nn.Module):
                 self._variants.append(variant)
                 return variant
         try:
-            ep = self._export(args, kwargs)
+            ep = capture.export(self.original, args, kwargs, self.settings)
         except Exception as exc:
+            self._raise_as_eager(args, kwargs)  # an input eager rejects: eager's own error
             if self.settings.frontend == "export" or not first:
                 raise
             log.warning(
                 "torchtrt_ext: torch.export could not capture %s.forward (%s); using dynamo, which splits "
                 "the graph at the code export cannot trace",
                 type(self.original).__name__,
-                _first_line(exc),
+                first_line(exc),
             )
             self._use_dynamo()
             return None
         variant = self._variant_from_export(ep, spec, flat, keep_artifact=digest is not None)
         if digest is not None:
-            if not variant._updates:  # one run first: Inductor's autotuning results then travel in the entry
+            if not variant.updates:  # one run first: Inductor's autotuning results then travel in the entry
                 with torch.no_grad():
                     variant.engine(*flat)
             self._store_in_cache(digest, variant)
@@ -294,7 +306,7 @@ class CompiledModule(torch.nn.Module):
         spec: pytree.TreeSpec,
         flat: Sequence[Any] | None = None,
         keep_artifact: bool = False,
-    ) -> _Variant:
+    ) -> Variant:
         """Build the engine of one exported graph (also for graphs loaded from an engine file).
         keep_artifact: compile so that the engine keeps its compiled code saved whole (engine cache)."""
         lifted = lifting.from_export(ep)
@@ -303,13 +315,13 @@ class CompiledModule(torch.nn.Module):
                 if isinstance(leaf, torch.Tensor):
                     lifted.example_args[position] = leaf
         signature = InputSignature(spec, [lifted.example_args[i] for i in lifted.input_positions], ep.range_constraints)
-        variant = self._make_variant(lifted, signature, ep.call_spec.out_spec, self._updates(ep), keep_artifact=keep_artifact)
+        variant = self._make_variant(lifted, signature, ep.call_spec.out_spec, capture.updates(self.original, ep), keep_artifact=keep_artifact)
         variant.exported = ep
         return variant
 
     def _variant_from_file(
         self, contents: Any, index: int, spec: pytree.TreeSpec | None, flat: Sequence[Any] | None = None
-    ) -> _Variant:
+    ) -> Variant:
         """Variant `index` of an engine file (files.Contents): from its compiled code where the file
         holds it (no torch.export.load, nothing traced or compiled; the graph is read only if save
         needs it), else from its graph. flat: the call it is for (the engine cache), else None."""
@@ -333,9 +345,9 @@ class CompiledModule(torch.nn.Module):
                 if isinstance(u, str):
                     self.original.get_buffer(u)  # the model has it
         except (KeyError, TypeError, ValueError, AttributeError, TorchTRTExtError) as exc:
-            raise EngineFileError(f"{contents.path}: the binding of graph {index} does not fit ({_first_line(exc)})") from None
+            raise EngineFileError(f"{contents.path}: the binding of graph {index} does not fit ({first_line(exc)})") from None
         variant = self._make_variant(lifted, signature, out_spec, updates, artifact=artifact)
-        variant._read_exported = functools.partial(contents.program, index)
+        variant.read_exported = functools.partial(contents.program, index)
         return variant
 
     def _make_variant(
@@ -346,11 +358,11 @@ class CompiledModule(torch.nn.Module):
         updates: Sequence[str | int],
         artifact: bytes | None = None,
         keep_artifact: bool = False,
-    ) -> _Variant:
+    ) -> Variant:
         engine = build_engine(lifted, self.settings, artifact, keep_artifact)
         registry.add(engine, [w.tensor for w in lifted.weights])
         resolved = [self.original.get_buffer(u) if isinstance(u, str) else int(u) for u in updates]
-        return _Variant(engine, signature, out_spec, resolved, {"lifted": lifted.describe(), "updates": list(updates)})
+        return Variant(engine, signature, out_spec, resolved, {"lifted": lifted.describe(), "updates": list(updates)})
 
     def _own_tensors(self) -> dict[str, torch.Tensor]:
         """The model's parameters and buffers by every name (tied ones under each)."""
@@ -359,9 +371,7 @@ class CompiledModule(torch.nn.Module):
             **dict(self.original.named_buffers(remove_duplicate=False)),
         }
 
-    def _variant_from_cache(self, digest: str, spec: pytree.TreeSpec, flat: Sequence[Any]) -> _Variant | None:
-        from . import files
-
+    def _variant_from_cache(self, digest: str, spec: pytree.TreeSpec, flat: Sequence[Any]) -> Variant | None:
         path = engine_cache.entry_path(self.settings.cache_dir, digest)
         if not os.path.isfile(path):
             return None
@@ -370,7 +380,7 @@ class CompiledModule(torch.nn.Module):
             contents.load_inductor_cache()  # autotuning results (and the graph's caches, for an entry without compiled code)
             variant = self._variant_from_file(contents, 0, spec, flat)
         except Exception as exc:  # a bad entry costs a recompile, never a wrong engine
-            log.warning("torchtrt_ext: engine cache entry %s not used (%s); compiling", path, _first_line(exc))
+            log.warning("torchtrt_ext: engine cache entry %s not used (%s); compiling", path, first_line(exc))
             return None
         variant.from_cache = True
         log.info(
@@ -380,103 +390,23 @@ class CompiledModule(torch.nn.Module):
         )
         return variant
 
-    def _store_in_cache(self, digest: str, variant: _Variant) -> None:
-        from . import files
-
+    def _store_in_cache(self, digest: str, variant: Variant) -> None:
         path = engine_cache.entry_path(self.settings.cache_dir, digest)
         try:
             os.makedirs(self.settings.cache_dir, exist_ok=True)
             files.write_variants(self, [variant], path, include_weights=False)
         except Exception as exc:  # the cache is an optimisation: say why it failed, and go on
-            log.warning("torchtrt_ext: could not write engine cache entry %s (%s)", path, _first_line(exc))
-
-    def _export(self, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
-        # Under no_grad (engines only run inference): a forward decorated with @torch.no_grad (Hugging
-        # Face's rotary embeddings) is then traced inline instead of as a wrap_with_set_grad_enabled
-        # node, which AOTAutograd's cache refuses; with that node, an engine cache hit re-traced the graph.
-        with torch.no_grad():
-            return self._export_graph(args, kwargs)
-
-    def _export_graph(self, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
-        dynamic = None
-        if self.settings.weight_streaming:  # capture on the model's device; streaming compiles static shapes
-            home = next(itertools.chain(self.original.parameters(), self.original.buffers()), None)
-            if home is not None:
-                args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(home.device), (args, kwargs))
-            return torch.export.export(self.original, args, kwargs, strict=False)
-        if self.settings.dynamic_batch:
-            dims = torch.export.ShapesCollection()
-            for leaf in pytree.tree_leaves((args, kwargs)):
-                if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-                    dims[leaf] = {0: torch.export.Dim.AUTO}
-            dynamic = dims.dynamic_shapes(self.original, args, kwargs)
-        return torch.export.export(self.original, args, kwargs, dynamic_shapes=dynamic, strict=False)
-
-    def _updates(self, ep: torch.export.ExportedProgram) -> list[str | int]:
-        """What the graph writes back, in output order: a model buffer's name, or a caller input's index."""
-        from torch.export.graph_signature import InputKind, OutputKind
-
-        user_inputs = [spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
-        updates: list[str | int] = []
-        for spec in ep.graph_signature.output_specs:
-            if spec.kind == OutputKind.BUFFER_MUTATION:
-                updates.append(spec.target)
-            elif spec.kind == OutputKind.USER_INPUT_MUTATION:
-                updates.append(user_inputs.index(spec.target))
-            elif spec.kind != OutputKind.USER_OUTPUT:
-                raise TorchTRTExtError(
-                    f"{type(self.original).__name__}.forward has a graph output of kind {spec.kind.name}, which "
-                    "the drop-in wrapper does not support (use frontend='dynamo')"
-                )
-        return updates
+            log.warning("torchtrt_ext: could not write engine cache entry %s (%s)", path, first_line(exc))
 
     def _use_dynamo(self) -> None:
+        """Calls go through dynamo from now on: the model's own forward function (its class's), compiled
+        and called with the model as its first argument. Not torch.compile(model): that module would
+        hold the model, and as an attribute of this wrapper (which shares the model's submodules) it
+        made the user's model contain itself; and it reads `forward` off the instance, which a routed
+        method call (routing.call_routed) replaces."""
         backend = functools.partial(torchtrt_ext_backend, options=self.settings)
-        # In __dict__, never as a submodule: the wrapper shares the original's _modules, and the
-        # OptimizedModule holds the original, so a child there made the user's model contain itself.
-        self.__dict__["_dynamo"] = torch.compile(self.original, backend=backend)
-
-    def _check_devices(self, flat: Sequence[Any]) -> None:
-        weight = next(itertools.chain(self.original.parameters(), self.original.buffers()), None)
-        if weight is None:
-            return
-        for i, leaf in enumerate(flat):
-            if isinstance(leaf, torch.Tensor) and leaf.device != weight.device and not (
-                leaf.device.type == "cpu" and leaf.dim() == 0
-            ):
-                raise InputError(
-                    f"input {i} is on {leaf.device} but the model's weights are on {weight.device}; "
-                    f"move the input with .to('{weight.device}')"
-                )
-
-
-def _watch_weights(module: torch.nn.Module) -> tuple[Any, list[tuple[dict, str]], list[str]]:
-    """A runtime WeightWatch over every parameter and buffer slot of the module, by state_dict name."""
-    watch = WeightWatch()
-    owners: list[tuple[dict, str]] = []
-    names: list[str] = []
-    for prefix, sub in module.named_modules(remove_duplicate=False):
-        for table in (sub._parameters, sub._buffers):
-            for key, value in table.items():
-                if value is None:
-                    continue
-                watch.add(table, key)
-                owners.append((table, key))
-                names.append(f"{prefix}.{key}" if prefix else key)
-    return watch, owners, names
-
-
-def _follows(new: torch.Tensor, old: torch.Tensor, any_device: bool = False) -> bool:
-    """Whether an engine compiled for `old` can compute with `new`: refit's rule (same shape, a
-    floating dtype converts), and on the same device unless the engine copies from anywhere."""
-    if new.device != old.device and not any_device:
-        return False
-    return weight_mismatch(new.shape, new.dtype, old) is None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+        forward = torch.compile(type(self.original).forward, backend=backend)
+        self.__dict__["_dynamo"] = functools.partial(forward, self.original)
 
 
 def compile(
@@ -500,7 +430,7 @@ def compile(
             example_inputs = (example_inputs,)
         args, kwargs = compiled._normalize(tuple(example_inputs or ()), dict(example_kwargs or {}))
         flat, spec = pytree.tree_flatten((args, kwargs))
-        if compiled._add_variant(args, kwargs, flat, spec) is None:
-            with torch.no_grad():
+        with torch.no_grad(), capture.eval_mode(module):  # the engines compute eval mode
+            if compiled._add_variant(args, kwargs, flat, spec) is None:
                 compiled._dynamo(*args, **kwargs)  # dynamo compiles on its first call
     return compiled

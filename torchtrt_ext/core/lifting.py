@@ -24,7 +24,6 @@ class WeightSlot:
     position: int  # index of the placeholder in the graph
     name: str  # state_dict name in the original model (export: also constants, by their attribute name)
     tensor: torch.Tensor  # the model's own tensor at capture time
-    in_state_dict: bool = True  # False for non-persistent buffers and lifted constants
     aliases: tuple[str, ...] = ()  # other names of the same tensor (tied weights)
 
 
@@ -45,7 +44,7 @@ class LiftedGraph:
         return {
             "placeholders": self.num_placeholders,
             "inputs": list(self.input_positions),
-            "weights": [[w.position, w.name, list(w.aliases), w.in_state_dict] for w in self.weights],
+            "weights": [[w.position, w.name, list(w.aliases)] for w in self.weights],
         }
 
 
@@ -56,8 +55,7 @@ def bind(description: dict, tensors: Mapping[str, torch.Tensor], inputs: Sequenc
     n = int(description["placeholders"])
     positions = [int(i) for i in description["inputs"]]
     weights = [
-        WeightSlot(int(position), name, tensors[name], bool(in_state_dict), tuple(aliases))
-        for position, name, aliases, in_state_dict in description["weights"]
+        WeightSlot(int(position), name, tensors[name], tuple(aliases)) for position, name, aliases in description["weights"]
     ]
     taken = sorted(positions + [w.position for w in weights])
     if taken != list(range(n)) or len(positions) != len(inputs):
@@ -99,7 +97,7 @@ def _state_dict_name(source: Any) -> str | None:
     Anything that is not a parameter or buffer of a module (a plain tensor input, a tensor attribute
     that is not registered) gives None.
     """
-    from torch._dynamo.source import AttrSource, DictGetItemSource, GlobalSource, LocalSource
+    from torch._dynamo.source import AttrSource, DictGetItemSource, GetItemSource, GlobalSource, LocalSource
 
     leaf = source
     while type(leaf).__name__.endswith(_TRANSPARENT_SOURCES) and hasattr(leaf, "base"):
@@ -130,6 +128,8 @@ def _state_dict_name(source: Any) -> str | None:
         elif isinstance(node, GlobalSource):
             parts.append(node.global_name)
             break
+        elif isinstance(node, GetItemSource) and isinstance(node.base, LocalSource):
+            break  # the module passed positionally to a wrapper (`args[0]`: a decorated forward's self)
         else:
             return None
     return ".".join(reversed(parts))
@@ -180,9 +180,9 @@ def from_export(ep: torch.export.ExportedProgram) -> LiftedGraph:
             if spec.persistent:
                 weights.append(WeightSlot(i, spec.target, ep.state_dict[spec.target]))
             else:
-                weights.append(WeightSlot(i, spec.target, ep.constants[spec.target], in_state_dict=False))
+                weights.append(WeightSlot(i, spec.target, ep.constants[spec.target]))
         elif spec.kind == InputKind.CONSTANT_TENSOR:
-            weights.append(WeightSlot(i, spec.target, ep.constants[spec.target], in_state_dict=False))
+            weights.append(WeightSlot(i, spec.target, ep.constants[spec.target]))
         else:
             raise TorchTRTExtError(
                 f"exported graph input {spec.arg.name!r} is a {spec.kind.name}, which torchtrt_ext "

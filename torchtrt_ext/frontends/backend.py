@@ -6,18 +6,20 @@ importing torchtrt_ext) and again on ``import torchtrt_ext``.
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import lifting, registry
-from .engines import Engine, build_engine
-from .errors import OptionError, TorchTRTExtError
-from .settings import Settings
+from ..core import lifting, registry
+from ..core.errors import OptionError, TorchTRTExtError
+from ..core.settings import Settings
+from ..engines import Engine, build_engine
 
 BACKEND_NAME = "torchtrt_ext"
+log = logging.getLogger("torchtrt_ext")
 
 
 class DynamoGraph:
@@ -27,8 +29,7 @@ class DynamoGraph:
     Dynamo reuses one compiled graph for every module whose code and weight shapes match: after a
     graph break inside a layer, each layer of a stack calls the same graph with its own weights. So the
     weights in each call choose the engine: one per set of weight tensors, all running the same
-    compiled code (a weight-streaming engine, which owns its weights' copies, is built anew). Running
-    layer 0's weights for every layer was BART's wrong fp16 output."""
+    compiled code (a weight-streaming engine, which owns its weights' copies, is built anew)."""
 
     def __init__(self, lifted: lifting.LiftedGraph, settings: Settings):
         self._settings = settings
@@ -98,14 +99,28 @@ def torchtrt_ext_backend(
     example_inputs: Sequence[Any],
     options: Mapping[str, Any] | Settings | None = None,
     **unexpected: Any,
-) -> DynamoGraph:
+) -> DynamoGraph | Callable[..., Any]:
     if unexpected:
         raise OptionError(
             f"the torchtrt_ext backend takes its settings as options={{...}}, got {sorted(unexpected)} "
             "(torch.compile's mode= is not used by this backend)"
         )
     settings = options if isinstance(options, Settings) else Settings.from_options(options, for_backend=True)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in example_inputs):
+        # Engines compute no gradients: this graph runs as captured, with autograd (dynamo guards on
+        # grad mode, so a call under no_grad compiles an engine).
+        if not _warned_grad:
+            _warned_grad.append(True)
+            log.warning(
+                "torchtrt_ext: gradients are needed (grad mode is on and parameters or inputs require grad) and "
+                "the engines compute no gradients, so graphs captured in grad mode run eagerly; call under "
+                "torch.no_grad() or torch.inference_mode() to use the engines"
+            )
+        return gm.forward
     return DynamoGraph(lifting.from_dynamo(gm, example_inputs), settings)
+
+
+_warned_grad: list[bool] = []
 
 
 def register() -> None:

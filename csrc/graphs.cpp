@@ -1,0 +1,230 @@
+// CUDA graphs for Runner::run_graphed (graphs.h): capture, replay, and the pool and stream they use.
+#include "graphs.h"
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty_strided.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+
+#include <cstring>
+#include <string>
+
+namespace torchtrt_ext {
+namespace {
+
+// torch >= 2.13 wants to hear when a capture into a pool starts and ends; 2.11 has no such call.
+template <class Allocator>
+auto mark_capture(Allocator* a, c10::DeviceIndex device, bool begin, int) -> decltype(a->markCaptureBegin(device)) {
+  if (begin) {
+    a->markCaptureBegin(device);
+  } else {
+    a->markCaptureEnd(device);
+  }
+}
+template <class Allocator>
+void mark_capture(Allocator*, c10::DeviceIndex, bool, long) {}
+
+std::vector<at::Tensor> tensors_of(const py::object& outputs) {
+  std::vector<at::Tensor> result;
+  if (!(py::isinstance<py::list>(outputs) || py::isinstance<py::tuple>(outputs))) return result;
+  for (py::handle item : outputs) {
+    if (!THPVariable_Check(item.ptr())) return {};
+    result.push_back(THPVariable_Unpack(item.ptr()));
+  }
+  return result;
+}
+
+}  // namespace
+
+PoolGraph::PoolGraph(c10::DeviceIndex device, cudaStream_t stream)
+    : device_(device), stream_(stream), pool_(at::cuda::MemPool::graph_pool_handle(false)) {}
+
+void PoolGraph::begin() {
+  cudaStream_t stream = stream_;
+  // Only allocations on our own stream go to the pool; no other code enqueues on it.
+  c10::cuda::CUDACachingAllocator::beginAllocateToPool(device_, pool_,
+                                                       [stream](cudaStream_t s) { return s == stream; });
+  pool_begun_ = routing_ = true;
+  C10_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  capturing_ = true;
+  mark_capture(c10::cuda::CUDACachingAllocator::get(), device_, true, 0);
+}
+
+void PoolGraph::end() {
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+  capturing_ = false;
+  finish_routing();
+  if (ended != cudaSuccess || graph == nullptr) {
+    (void)cudaGetLastError();
+    throw std::runtime_error(std::string("CUDA graph capture failed: ") + cudaGetErrorString(ended));
+  }
+  const cudaError_t made = cudaGraphInstantiateWithFlags(&exec_, graph, cudaGraphInstantiateFlagAutoFreeOnLaunch);
+  C10_CUDA_CHECK_WARN(cudaGraphDestroy(graph));
+  if (made != cudaSuccess) {
+    exec_ = nullptr;
+    (void)cudaGetLastError();
+    throw std::runtime_error(std::string("CUDA graph instantiation failed: ") + cudaGetErrorString(made));
+  }
+}
+
+void PoolGraph::abort() noexcept {
+  if (capturing_) {
+    cudaGraph_t graph = nullptr;
+    if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph) (void)cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+    capturing_ = false;
+  }
+  finish_routing();
+}
+
+PoolGraph::~PoolGraph() {
+  abort();
+  if (exec_) C10_CUDA_CHECK_WARN(cudaGraphExecDestroy(exec_));
+  if (pool_begun_) c10::cuda::CUDACachingAllocator::releasePool(device_, pool_);
+}
+
+void PoolGraph::finish_routing() noexcept {
+  if (!routing_) return;
+  routing_ = false;
+  mark_capture(c10::cuda::CUDACachingAllocator::get(), device_, false, 0);
+  c10::cuda::CUDACachingAllocator::endAllocateToPool(device_, pool_);
+}
+
+OwnStream::OwnStream(c10::DeviceIndex device) : device_(device) {
+  c10::cuda::CUDAGuard guard(device);
+  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw_, cudaStreamNonBlocking));
+}
+
+OwnStream::~OwnStream() {
+  c10::cuda::CUDAGuard guard(device_);
+  C10_CUDA_CHECK_WARN(cudaStreamSynchronize(raw_));
+  C10_CUDA_CHECK_WARN(cudaStreamDestroy(raw_));
+}
+
+std::optional<GraphKey> graph_key(const py::tuple& inputs, std::vector<at::Tensor>& tensors,
+                                  std::vector<Py_ssize_t>& positions) {
+  GraphKey key;
+  const Py_ssize_t n = PyTuple_GET_SIZE(inputs.ptr());
+  key.reserve(n * 8);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyTuple_GET_ITEM(inputs.ptr(), i);
+    if (THPVariable_Check(obj)) {
+      const at::Tensor& t = THPVariable_Unpack(obj);
+      // CPU scalars would be baked into the graph as constants; odd layouts cannot be copied into.
+      if (!t.defined() || !t.is_cuda() || !t.is_non_overlapping_and_dense()) return std::nullopt;
+      key.push_back(1);
+      key.push_back(static_cast<int64_t>(t.scalar_type()));
+      key.push_back(static_cast<int64_t>(t.device().type()));
+      key.push_back(t.dim());
+      for (int64_t s : t.sizes()) key.push_back(s);
+      for (int64_t s : t.strides()) key.push_back(s);
+      tensors.push_back(t);
+      positions.push_back(i);
+    } else if (PyBool_Check(obj)) {
+      key.push_back(2);
+      key.push_back(obj == Py_True);
+    } else if (PyLong_Check(obj)) {
+      int overflow = 0;
+      const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+      if (overflow) return std::nullopt;
+      key.push_back(3);
+      key.push_back(v);
+    } else if (PyFloat_Check(obj)) {
+      const double v = PyFloat_AS_DOUBLE(obj);
+      int64_t bits;
+      std::memcpy(&bits, &v, sizeof bits);
+      key.push_back(4);
+      key.push_back(bits);
+    } else if (obj == Py_None) {
+      key.push_back(5);
+    } else {
+      return std::nullopt;
+    }
+  }
+  return key;
+}
+
+// The capture runs on the slot's own non-blocking stream (never on a blocking side stream, see
+// stream_bridge.h), after one warm-up run there that creates per-stream library state (cuBLAS
+// workspaces) outside the capture.
+GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::vector<at::Tensor>& tensors,
+                    const std::vector<Py_ssize_t>& positions, c10::DeviceIndex device,
+                    const c10::cuda::CUDAStream& exec, SlotGraphs& slot, GraphKey key) {
+  at::NoGradGuard no_grad;
+  auto entry = std::make_unique<GraphEntry>();
+  py::tuple static_args(PyTuple_GET_SIZE(inputs.ptr()));
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(inputs.ptr()); ++i) {
+    static_args[i] = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(inputs.ptr(), i));
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    at::Tensor s = at::empty_strided(tensors[i].sizes(), tensors[i].strides(), tensors[i].options());
+    s.copy_(tensors[i], /*non_blocking=*/true);
+    static_args[positions[i]] = py::reinterpret_steal<py::object>(THPVariable_Wrap(s));
+    entry->static_inputs.push_back(std::move(s));
+  }
+  if (!slot.capture_stream) slot.capture_stream = std::make_unique<OwnStream>(device);
+  const c10::cuda::CUDAStream cs = slot.capture_stream->stream();
+  fence(exec, cs);
+  {
+    c10::cuda::CUDAStreamGuard on_capture_stream(cs);
+    call(static_args);  // warm-up, outside the capture
+    // The call ran fine just now, so an error from here on is the capture's: warn, and let this
+    // signature run without a graph from now on (a graph-less entry remembers that).
+    std::string failure;
+    try {
+      auto graph = std::make_unique<PoolGraph>(device, cs.stream());
+      graph->begin();
+      py::object outs;
+      try {
+        outs = call(static_args);
+      } catch (...) {
+        graph->abort();
+        throw;
+      }
+      graph->end();
+      entry->static_outputs = tensors_of(outs);
+      if (entry->static_outputs.empty() && !outs.is_none() && py::len(outs) != 0) {
+        throw std::runtime_error("the engine did not return a list of tensors");
+      }
+      entry->graph = std::move(graph);
+    } catch (py::error_already_set& e) {
+      failure = e.what();
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+    if (!failure.empty()) {
+      entry->static_outputs.clear();
+      entry->static_inputs.clear();
+      slot.entries.emplace(std::move(key), std::move(entry));
+      const std::string message = "torchtrt_ext: could not capture a CUDA graph for this input signature, so it "
+                                  "runs without one: " + failure.substr(0, 500);
+      if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) < 0) throw py::error_already_set();
+      return nullptr;
+    }
+  }
+  fence(cs, exec);
+  GraphEntry* raw = entry.get();
+  slot.entries.emplace(std::move(key), std::move(entry));
+  return raw;
+}
+
+py::list replay(GraphEntry& entry, const std::vector<at::Tensor>& tensors, const c10::cuda::CUDAStream& stream) {
+  std::vector<at::Tensor> outputs;
+  {
+    py::gil_scoped_release no_gil;
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < tensors.size(); ++i) entry.static_inputs[i].copy_(tensors[i], /*non_blocking=*/true);
+    entry.graph->replay(stream.stream());
+    outputs.reserve(entry.static_outputs.size());
+    for (const at::Tensor& out : entry.static_outputs) outputs.push_back(out.clone());
+  }
+  py::list result(outputs.size());
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    result[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(outputs[i])));
+  }
+  return result;
+}
+
+}  // namespace torchtrt_ext

@@ -1,0 +1,220 @@
+"""The drop-in wrapper behaves as the nn.Module it stands in for (issue 14: D1, D2, D5, D7, D9, D10)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchtrt_ext
+from torchtrt_ext import RefitError
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(self.bn(self.drop(torch.relu(self.fc1(x)))))
+
+
+def _net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    net = Net()
+    with torch.no_grad():
+        net.bn.running_mean.normal_()
+        net.bn.running_var.uniform_(0.5, 2.0)
+    return net  # in training mode, as a model built from a config comes
+
+
+def test_eval_after_wrapping_uses_the_engines_and_training_mode_runs_eagerly(caplog):
+    model = _net()
+    compiled = torchtrt_ext.compile(model)
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        with caplog.at_level("WARNING", logger="torchtrt_ext"):
+            first, second = compiled(x), compiled(x)
+        assert not torch.equal(first, second)  # training mode: dropout fires, as in eager
+        assert "is in training mode" in caplog.text and not compiled.variants
+        compiled.eval()
+        assert not model.training and not model.drop.training
+        out = compiled(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+        assert len(compiled.variants) == 1
+        running = model.bn.running_mean.clone()
+        compiled(x)
+        assert torch.equal(model.bn.running_mean, running)  # eval mode: batch statistics stay
+        model.train()  # on the original: the wrapper follows
+        compiled(x)
+        assert not torch.equal(model.bn.running_mean, running)
+
+
+def test_compiling_with_example_inputs_in_training_mode_captures_eval_mode_and_keeps_the_users_mode():
+    model = _net()
+    x = torch.randn(6, 16)
+    compiled = torchtrt_ext.compile(model, (x,))
+    assert model.training and model.drop.training  # the user's modes are unchanged
+    compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), compiled(x), rtol=0, atol=0)
+
+
+@pytest.mark.grad
+def test_gradients_are_never_dropped():
+    model = _net().eval()
+    compiled = torchtrt_ext.compile(model)
+    head = nn.Linear(8, 1)
+    x = torch.randn(4, 16)
+    head(compiled(x)).sum().backward()  # grad mode, parameters require grad: the original runs
+    assert model.fc1.weight.grad is not None and model.fc1.weight.grad.abs().sum() > 0
+    expected = model.fc1.weight.grad.clone()
+    model.zero_grad()
+    head(model(x)).sum().backward()
+    torch.testing.assert_close(model.fc1.weight.grad, expected)
+    with torch.no_grad():
+        compiled(x)
+    assert len(compiled.variants) == 1  # and without gradients, the engines
+
+
+def test_the_users_model_is_unchanged_and_still_deep_copies():
+    model = _net().eval()
+    children = dict(model.named_children())
+    compiled = torchtrt_ext.compile(model, frontend="dynamo")
+    with torch.no_grad():
+        compiled(torch.randn(3, 16))
+    assert dict(model.named_children()) == children
+    clone = copy.deepcopy(model)
+    assert set(clone.state_dict()) == set(model.state_dict())
+    assert set(compiled.state_dict()) == set(model.state_dict())
+    repr(model), repr(compiled)
+
+
+def test_pickle_deepcopy_and_torch_save_name_the_way_to_save(tmp_path):
+    compiled = torchtrt_ext.compile(_net().eval(), (torch.randn(2, 16),))
+    for attempt in (lambda: pickle.dumps(compiled), lambda: copy.deepcopy(compiled), lambda: torch.save(compiled, tmp_path / "m.pt")):
+        with pytest.raises(TypeError, match=r"torchtrt_ext\.save\(module, path\)"):
+            attempt()
+
+
+def test_eight_threads_on_a_first_call_compile_once():
+    model = _net().eval()
+    compiled = torchtrt_ext.compile(model)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = model(x)
+    barrier, outs, errors = threading.Barrier(8), [None] * 8, []
+
+    def call(i):
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                outs[i] = compiled(x)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert len(compiled.variants) == 1 and not compiled.uses_dynamo
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_refit_none_refuses_changed_weights_and_identical_refuses_other_values():
+    x = torch.randn(3, 16)
+    model = _net().eval()
+    frozen = torchtrt_ext.compile(model, (x,), refit="none")
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)
+    with pytest.raises(RefitError, match=r"fc1\.weight.*refit='none'"):
+        with torch.no_grad():
+            frozen(x)
+    model = _net().eval()
+    same = torchtrt_ext.compile(model, (x,), refit="identical")
+    same.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})  # equal values: fine
+    with pytest.raises(RefitError, match=r"fc2\.bias.*refit='identical'"):
+        same.load_state_dict(_net(seed=3).eval().state_dict())
+
+
+def test_half_after_compile_follows_for_an_integer_input_model():
+    """BERT takes token ids: a .half() changes no input, only the weights; the engines follow (D8)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    compiled = torchtrt_ext.compile(model)
+    assert compiled(input_ids=ids).logits.dtype == torch.float32
+    compiled.half()
+    out = compiled(input_ids=ids).logits
+    assert out.dtype == torch.float16 and len(compiled.variants) == 1
+    assert all(t.dtype == torch.float16 for t in compiled.engines[0].weight_tensors() if t.is_floating_point())
+    torch.testing.assert_close(out, model(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", ["feature size", "dtype"])
+def test_an_input_eager_rejects_gets_eagers_own_error_and_the_wrapper_stays_usable(bad):
+    model = _net().eval()
+    x = torch.randn(4, 16)
+    compiled = torchtrt_ext.compile(model, (x,))
+    wrong = torch.randn(4, 15) if bad == "feature size" else x.half()
+    with pytest.raises(Exception) as eager:
+        model(wrong)
+    with pytest.raises(type(eager.value)) as ours:
+        compiled(wrong)
+    assert str(ours.value) == str(eager.value)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)  # still usable
+    assert len(compiled.variants) == 1
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    return transformers, config, transformers.LlamaForCausalLM(config).eval()  # default use_cache=True
+
+
+def test_generate_runs_the_engines_and_equals_eager():
+    """A decoder at default settings (DynamicCache): wrapped.generate() sends its forward calls through
+    the engines (D4), and its tokens equal eager greedy generate()."""
+    _, _, model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 6))
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    compiled = torchtrt_ext.compile(model)
+    got = compiled.generate(ids, max_new_tokens=5, do_sample=False)
+    assert got.tolist() == expected.tolist()
+    assert sum(e.calls for e in compiled.engines) >= 5  # the prefill and every decode step
+    assert "forward" not in vars(model)  # the routing is undone
+
+
+def test_a_decode_loop_with_a_dynamic_cache_equals_eager():
+    """The wrapper never runs the model on the caller's own inputs outside the engines: a KV cache
+    passed in is appended to exactly once per call."""
+    transformers, config, model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 6))
+
+    def decode(f):
+        out = f(input_ids=ids, past_key_values=transformers.DynamicCache(config=config), use_cache=True)
+        logits = []
+        for _ in range(4):
+            logits.append(out.logits[:, -1])
+            out = f(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        return torch.stack(logits)
+
+    expected = decode(model)
+    got = decode(torchtrt_ext.compile(model))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

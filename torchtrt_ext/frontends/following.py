@@ -1,0 +1,128 @@
+"""The drop-in wrapper's auto-refit: it watches its model's parameter and buffer slots and makes the
+engines follow what changes (load_state_dict, an optimizer step, assignment), by the settings' refit
+mode: 'refit' follows, 'none' refuses any change, 'identical' refuses other values."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+from typing import Any, Mapping
+
+import torch
+
+from ..core import registry
+from ..core.errors import RefitError
+from . import capture
+
+
+class FollowsWeights:
+    """Mixed into CompiledModule, which provides original, settings, engines, weight_names_of and the
+    watch (capture.watch_weights) with its weights lock."""
+
+    def _follow_weights(self) -> None:
+        """Auto-refit: where the model's weights were replaced or written in place since the last
+        call (load_state_dict, an optimizer step, assignment), make the engines use the new values.
+        One pass of the runtime's WeightWatch when nothing changed."""
+        if not self._watch.changed():
+            return
+        with self._weights_lock:  # a refit on another thread may be loading these very weights
+            changed = self._watch.changed()
+            if changed:
+                self._follow(changed)
+
+    def _follow(self, changed: list[int]) -> None:
+        current: dict[str, torch.Tensor] = {}
+        for i in changed:
+            owner, key = self._watched[i]
+            value = owner.get(key)
+            if isinstance(value, torch.Tensor):
+                current[self._watched_names[i]] = value
+        engines = self.engines
+        if self.settings.refit == "none" and engines:
+            raise RefitError(
+                f"{type(self.original).__name__}'s weights changed ({_listed(current)}), but it was compiled with "
+                "refit='none', so its engines cannot follow: compile with refit='refit', or restore the weights",
+                {name: "changed after a compile with refit='none'" for name in current},
+            )
+        indexes = [self.weight_names_of(engine) for engine in engines]
+        if not self.uses_dynamo and not self.settings.weight_streaming and _converted(engines, indexes, current):
+            # The model moved to another dtype or device (.half(), .to()): its engines are compiled
+            # anew for it at the next call, and the old ones (with their memory) are dropped.
+            self.drop_variants(f"its weights are now {_kinds(current)}")
+            for i in changed:
+                self._watch.accept(i)
+            return
+        problems: dict[str, str] = {}
+        for engine, index in zip(engines, indexes):  # everything checked before any engine changes
+            tensors = engine.weight_tensors()
+            any_device = engine.settings.weight_streaming  # the engine copies weights from anywhere
+            for name, t in current.items():
+                if name in index and not capture.follows(t, tensors[index[name]], any_device):
+                    old = tensors[index[name]]
+                    problems[name] = (
+                        f"is now {tuple(t.shape)} {t.dtype} on {t.device}, but the engine was compiled for "
+                        f"{tuple(old.shape)} {old.dtype} on {old.device}"
+                    )
+                elif name in index and engine.settings.refit == "identical" and not self._as_built(name, t):
+                    problems[name] = (
+                        "holds other values than the engine was built with, and refit='identical' takes only "
+                        "those (compile with refit='refit' for new values)"
+                    )
+        if problems:
+            raise RefitError(
+                f"{type(self.original).__name__}'s weights changed in a way the compiled engines cannot "
+                "follow; compile the model again with torchtrt_ext.compile:\n"
+                + "\n".join(f"  {n}: {p}" for n, p in sorted(problems.items())),
+                problems,
+            )
+        for engine, index in zip(engines, indexes):
+            with engine.refit_lock:
+                engine.follow({index[name]: t for name, t in current.items() if name in index})
+            registry.add(engine, list(engine.weight_tensors()))
+        for i in changed:
+            self._watch.accept(i)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._follow_weights()  # now, so that a weight the engines cannot take fails here
+        return result
+
+    def _as_built(self, name: str, value: torch.Tensor) -> bool:
+        """refit='identical': whether `value` holds the values the engines were built with. The engines
+        read the model's memory, so the values as built are kept as digests, taken at the first compile."""
+        built = self.__dict__.setdefault("_built_fingerprints", {})
+        return built.get(name) in (None, _fingerprint(value))
+
+    def _remember_values(self) -> None:
+        if self.settings.refit == "identical" and "_built_fingerprints" not in self.__dict__:
+            self.__dict__["_built_fingerprints"] = {
+                name: _fingerprint(t) for name, t in self.original.state_dict(keep_vars=True).items()
+            }
+
+
+
+def _converted(engines: list, indexes: list, current: Mapping[str, torch.Tensor]) -> bool:
+    """Whether some changed weight has another dtype or device than the engine computes with."""
+    for engine, index in zip(engines, indexes):
+        tensors = engine.weight_tensors()
+        for name, t in current.items():
+            if name in index:
+                old = tensors[index[name]]
+                if t.shape == old.shape and (t.dtype != old.dtype or t.device != old.device):
+                    return True
+    return False
+
+
+def _kinds(tensors: Mapping[str, torch.Tensor]) -> str:
+    return ", ".join(sorted({f"{t.dtype} on {t.device}" for t in tensors.values()}))
+
+
+def _listed(tensors: Mapping[str, Any], most: int = 5) -> str:
+    names = sorted(tensors)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _fingerprint(t: torch.Tensor) -> str:
+    """A digest of a tensor's values (refit='identical' keeps one per weight, as built)."""
+    data = t.detach().contiguous().cpu()
+    return hashlib.sha256(ctypes.string_at(data.data_ptr(), data.numel() * data.element_size())).hexdigest()

@@ -1,0 +1,36 @@
+"""The original model's own methods (generate(), encode(), ...) called through the drop-in wrapper:
+their forward calls go through the engines."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable
+
+
+class _Inside(threading.local):
+    depth = 0  # > 0 while this thread runs a CompiledModule's forward
+
+
+inside = _Inside()
+
+
+def _routed_forward(compiled: Any, *args: Any, **kwargs: Any) -> Any:
+    """The original's forward while one of its methods runs through the wrapper (call_routed):
+    the engines, except inside the wrapper's own forward, where it is the model's own forward."""
+    if inside.depth:
+        return type(compiled.original).forward(compiled.original, *args, **kwargs)
+    return compiled(*args, **kwargs)
+
+
+def call_routed(compiled: Any, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run one of the original's own methods with its forward calls sent through the engines:
+    for the call, the model's instance attribute `forward` is this module's forward."""
+    original = compiled.original
+    if "forward" in original.__dict__:  # routed already (a method calling another)
+        return method(*args, **kwargs)
+    original.__dict__["forward"] = functools.partial(_routed_forward, compiled)
+    try:
+        return method(*args, **kwargs)
+    finally:
+        original.__dict__.pop("forward", None)

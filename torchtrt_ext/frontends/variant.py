@@ -1,0 +1,86 @@
+"""One compiled input signature of the drop-in wrapper: its engine, what binds it to the model, and
+how its outputs are put back into the forward's structure."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..core.signature import InputSignature
+from ..engines import Engine
+
+log = logging.getLogger("torchtrt_ext")
+
+
+class Variant:
+    """One compiled input signature: its engine, the in-place updates its graph returns first (the
+    model's buffers, such as BatchNorm statistics in training mode, or caller inputs changed in place),
+    and the structure of the outputs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        signature: InputSignature,
+        out_spec: pytree.TreeSpec,
+        updates: Sequence[torch.Tensor | int],
+        description: dict,
+    ):
+        self.engine = engine
+        self.signature = signature
+        self.out_spec = out_spec
+        self.updates = list(updates)  # per leading graph output: a model buffer, or a caller-input index
+        # JSON: where the weights and inputs go (LiftedGraph.describe) and what the updates are (a
+        # buffer's name, or a caller-input index): with the signature and out_spec, all that binds the
+        # engine's compiled code to a model again (binding()).
+        self._description = description
+        self._exported: torch.export.ExportedProgram | None = None  # the graph it was built from
+        # or how to read it (a variant built from compiled code alone, from an engine file)
+        self.read_exported: Callable[[], torch.export.ExportedProgram] | None = None
+        self.from_cache = False  # built from an engine cache entry
+
+    @property
+    def exported(self) -> torch.export.ExportedProgram | None:
+        """The graph (save needs it). A variant built from compiled code alone deserializes it the first
+        time (torch.export.load of the graph bytes read with the engine file, kept in memory)."""
+        if self._exported is None and self.read_exported is not None:
+            self._exported = self.read_exported()
+            self.read_exported = None
+        return self._exported
+
+    @exported.setter
+    def exported(self, ep: torch.export.ExportedProgram | None) -> None:
+        self._exported = ep
+
+    def binding(self) -> dict | None:
+        """What an engine file holds with the compiled code (JSON), checked to read back; None, with a
+        warning, where something cannot be written down (an input or output structure of a type
+        without a serialized name, say): the file then holds the graph alone."""
+        try:
+            binding = {
+                **self._description,
+                "signature": self.signature.to_json(),
+                "out_spec": pytree.treespec_dumps(self.out_spec),
+            }
+            InputSignature.from_json(binding["signature"])
+            pytree.treespec_loads(binding["out_spec"])
+        except Exception as exc:
+            log.warning("torchtrt_ext: the compiled code is not kept in the engine file (%s)", first_line(exc))
+            return None
+        return binding
+
+    def __call__(self, flat: Sequence[Any]) -> Any:
+        outputs = self.engine(*flat)
+        if self.updates:
+            with torch.no_grad():
+                for target, value in zip(self.updates, outputs):
+                    (flat[target] if isinstance(target, int) else target).copy_(value)
+            outputs = outputs[len(self.updates) :]
+        return pytree.tree_unflatten(outputs, self.out_spec)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
