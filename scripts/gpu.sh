@@ -37,10 +37,10 @@ for s in $STEPS; do
         echo "CUDA_HOME=${CUDA_HOME:-unset}"
       } > "$OUT/env.log" 2>&1
       step build $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; break; }
-      $PY -c "from torchtrt_ext import _runtime as r; assert r.built_with_cuda, 'CPU build on a GPU machine'; print('runtime built with CUDA')" \
+      $PY -c "from torchtrt_ext.core import runtime as r; assert r.built_with_cuda, 'CPU build on a GPU machine'; print('runtime built with CUDA')" \
         || { echo "runtime check failed"; break; } ;;
     tests)  # one pytest per file: a crash in one file cannot hide the results of the others
-      step tests bash -c "for f in ${TESTS:-tests/test_backend.py tests/test_wrapper.py tests/test_cuda.py tests/test_streams.py tests/test_refit.py tests/test_refit_hot.py tests/test_streaming.py tests/test_files.py}; do echo \"--- \$f\"; \
+      step tests bash -c "for f in ${TESTS:-tests/test_dynamo_frames.py tests/test_backend.py tests/test_wrapper.py tests/test_cuda.py tests/test_streams.py tests/test_runtime_leaks.py tests/test_refit.py tests/test_refit_hot.py tests/test_streaming.py tests/test_files.py tests/test_file_integrity.py}; do echo \"--- \$f\"; \
         $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE \$f; done" ;;
     bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit
       step bench bash -c "for b in ${BENCHMARKS:-engine_llama:240 engine_resnet50:200 streams:100 refit:200 streaming:450 files:300 engine_cache:420}; do \

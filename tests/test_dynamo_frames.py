@@ -106,7 +106,7 @@ def test_bart_fp16_through_both_entry_points():
     torch._dynamo.reset()
     torch.manual_seed(0)
     config = transformers.BartConfig(
-        vocab_size=256, d_model=64, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+        vocab_size=256, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128,
         init_std=0.2,  # BART's 0.02 leaves a tiny model's layers near identity: wrong layer weights would hide
     )
@@ -114,15 +114,14 @@ def test_bart_fp16_through_both_entry_points():
     ids = torch.randint(3, config.vocab_size, (2, 24))
     dec = ids[:, :8]
     with torch.no_grad():
-        ref = model(input_ids=ids, decoder_input_ids=dec).logits
-        peer = torch.compile(model, backend="inductor")(input_ids=ids, decoder_input_ids=dec).logits
-        torch._dynamo.reset()
+        ref = model.float()(input_ids=ids, decoder_input_ids=dec).logits  # fp32 reference
+        half = model.half()(input_ids=ids, decoder_input_ids=dec).logits
         out = torch.compile(model, backend="torchtrt_ext")(input_ids=ids, decoder_input_ids=dec).logits
         torch._dynamo.reset()
         wrapped = torchtrt_ext.compile(model, frontend="dynamo")(input_ids=ids, decoder_input_ids=dec).logits
-    bound = max(4 * _rel(peer, ref), 1e-3)  # fp16: torch.compile's own error, with room
-    assert _rel(out, ref) < bound, (_rel(out, ref), _rel(peer, ref))
-    assert _rel(wrapped, ref) < bound, (_rel(wrapped, ref), _rel(peer, ref))
+    bound = max(4 * _rel(half, ref), 1e-2)  # fp16: eager fp16's own error, with room (the defect gave 1.1)
+    assert _rel(out, ref) < bound, (_rel(out, ref), _rel(half, ref))
+    assert _rel(wrapped, ref) < bound, (_rel(wrapped, ref), _rel(half, ref))
 
 
 @pytest.mark.cuda
@@ -186,3 +185,25 @@ def test_bart_base_fp16_on_cuda(cuda_graphs):
     for name, value in (("backend", out), ("backend again", again), ("wrapper", via_wrapper)):
         assert _rel(value, ref) < bound, (name, _rel(value, ref), _rel(peer, ref))
     assert all(e.device.type == "cuda" for e in torchtrt_ext.engines_of(model))
+
+
+def test_a_hugging_face_forward_lifts_its_weights_and_refits_through_the_backend():
+    """Hugging Face wraps forward in decorators taking (*args, **kwargs): dynamo reads the weights as
+    `args[0]`'s parameters. They are the engine's weights, refit through the backend reaches them."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 7))
+    compiled = torch.compile(model, backend="torchtrt_ext")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        engines = torchtrt_ext.engines_of(model)
+        assert engines and sum(len(e.weight_index()) for e in engines) >= len(list(model.parameters()))
+        other = transformers.LlamaForCausalLM(config).eval()
+        report = torchtrt_ext.refit(model, other.state_dict())
+        assert "model.layers.1.mlp.down_proj.weight" in report.updated
+        torch.testing.assert_close(compiled(input_ids=ids).logits, other(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

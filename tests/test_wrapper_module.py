@@ -193,11 +193,11 @@ def test_generate_runs_the_engines_and_equals_eager():
     the engines (D4), and its tokens equal eager greedy generate()."""
     _, _, model = _tiny_llama()
     ids = torch.randint(0, 128, (1, 6))
-    expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
     compiled = torchtrt_ext.compile(model)
-    got = compiled.generate(ids, max_new_tokens=5, do_sample=False)
+    got = compiled.generate(ids, max_new_tokens=4, do_sample=False)
     assert got.tolist() == expected.tolist()
-    assert sum(e.calls for e in compiled.engines) >= 5  # the prefill and every decode step
+    assert sum(e.calls for e in compiled.engines) >= 4  # the prefill and every decode step
     assert "forward" not in vars(model)  # the routing is undone
 
 
