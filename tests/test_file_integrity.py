@@ -375,7 +375,7 @@ def _signature_json(shape, ranges=(("s0", 2, None),)):
     spec = torch.utils._pytree.tree_flatten(((torch.empty(0),), {}))[1]
     return {
         "in_spec": torch.utils._pytree.treespec_dumps(spec),
-        "leaves": [{"dtype": "float32", "device": "cpu", "shape": shape}],
+        "leaves": [{"dtype": "float32", "device": "cpu", "shape": shape, "layout": "contiguous"}],
         "ranges": [list(r) for r in ranges],
     }
 
@@ -389,8 +389,9 @@ def test_a_size_that_would_run_code_is_refused_and_runs_nothing(tmp_path, monkey
     for text in ("s0.__class__", "s0[0]", "lambda: 0", "s0; 1", "2**99", "1/0", "s0 ** s0", "(" * 40 + "s0" + ")" * 40, "9" * 30):
         with pytest.raises(EngineFileError, match="size expression"):
             InputSignature.from_json(_signature_json([text]))
-    for bad in ({"dtype": "Tensor", "device": "cpu", "shape": [1]}, {"dtype": "float32", "device": "cpu", "shape": [True]},
-                {"value": [1]}, {"dtype": "float32", "device": "cpu", "shape": [1], "extra": 0}):
+    leaf = {"dtype": "float32", "device": "cpu", "layout": "contiguous"}
+    for bad in ({**leaf, "dtype": "Tensor", "shape": [1]}, {**leaf, "shape": [True]}, {"value": [1]},
+                {**leaf, "shape": [1], "extra": 0}, {**leaf, "shape": [1], "layout": "__import__('os')"}):
         data = _signature_json([1])
         data["leaves"] = [bad]
         with pytest.raises(EngineFileError):

@@ -218,3 +218,27 @@ def test_a_decode_loop_with_a_dynamic_cache_equals_eager():
     expected = decode(model)
     got = decode(torchtrt_ext.compile(model))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_and_channels_last_inputs_work_in_both_entry_points():
+    """D3: the compiled code's input strides are part of its signature; a slice is copied, a
+    channels_last input gets its own compiled signature."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    compiled = torchtrt_ext.compile(model)
+    backend = torch.compile(model, backend="torchtrt_ext")
+    calls = [
+        x,
+        x.to(memory_format=torch.channels_last),
+        torch.randn(2, 3, 12, 24)[..., ::2],  # not dense: a strided slice
+        torch.randn(2, 12, 12, 3).permute(0, 3, 1, 2),  # channels_last by permutation
+        x.transpose(2, 3),
+    ]
+    for value in calls:
+        torch.testing.assert_close(compiled(value), model(value), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(backend(value), model(value), rtol=1e-5, atol=1e-5)
+    assert len(compiled.variants) == 2  # contiguous and channels_last
+    ids = torch.randint(0, 10, (4, 96))
+    emb = torchtrt_ext.compile(nn.Embedding(10, 8).eval())
+    torch.testing.assert_close(emb(ids[:, :32]), emb.original(ids[:, :32]))  # a column slice, as BART's decoder ids

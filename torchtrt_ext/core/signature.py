@@ -24,6 +24,35 @@ class _TensorLeaf(NamedTuple):
     dtype: torch.dtype
     device: torch.device
     shape: tuple[Any, ...]  # per dimension an int, or a sympy expression over the dynamic sizes
+    layout: str = "contiguous"  # a key of LAYOUTS: the dense memory format the code was compiled for
+
+
+# The dense memory formats a signature records. The compiled code assumes its inputs' strides: a call
+# in another dense format is another signature (compiled for it); a call that is not dense (a slice, a
+# transpose) is copied into the recorded format first, as dense() does for the capture.
+LAYOUTS = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+}
+
+
+def layout_of(t: torch.Tensor) -> str | None:
+    """The tensor's dense memory format (contiguous first where several hold), or None if not dense."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last_3d"
+    return None
+
+
+def dense(value: Any) -> Any:
+    """A tensor as the compiled code may take it: itself where dense, else a contiguous copy."""
+    if isinstance(value, torch.Tensor) and layout_of(value) is None:
+        return value.contiguous()
+    return value
 
 
 def _leaf(value: Any) -> Any:
@@ -33,7 +62,15 @@ def _leaf(value: Any) -> Any:
     for size in value.shape:
         expr = size.node.expr if isinstance(size, torch.SymInt) else size
         shape.append(int(expr) if isinstance(expr, (int, sympy.Integer)) else expr)
-    return _TensorLeaf(value.dtype, value.device, tuple(shape))
+    return _TensorLeaf(value.dtype, value.device, tuple(shape), _fake_layout(value))
+
+
+def _fake_layout(value: torch.Tensor) -> str:
+    """The layout of a captured input (fake tensors with symbolic strides: guarded, so decided)."""
+    try:
+        return layout_of(value) or "contiguous"
+    except Exception:  # strides that cannot be decided without a guard: the contiguous default
+        return "contiguous"
 
 
 class InputSignature:
@@ -50,7 +87,9 @@ class InputSignature:
         for leaf in self._leaves:
             if isinstance(leaf, _TensorLeaf):
                 dims = [d if isinstance(d, int) else str(d) for d in leaf.shape]
-                leaves.append({"dtype": str(leaf.dtype).removeprefix("torch."), "device": str(leaf.device), "shape": dims})
+                leaves.append(
+                    {"dtype": str(leaf.dtype).removeprefix("torch."), "device": str(leaf.device), "shape": dims, "layout": leaf.layout}
+                )
             elif type(leaf) in _VALUE_TYPES:
                 leaves.append({"value": leaf})
             else:
@@ -91,6 +130,17 @@ class InputSignature:
             self._ranges[parse_size(name, symbols)] = (low, high)
         return self
 
+    def conform(self, flat: list[Any]) -> list[Any]:
+        """A fitting call's inputs as the compiled code takes them: tensors that are not dense copied
+        into the recorded memory format (after mismatch() found no difference)."""
+        conformed = flat
+        for i, (expected, actual) in enumerate(zip(self._leaves, flat)):
+            if isinstance(expected, _TensorLeaf) and not actual.is_contiguous(memory_format=LAYOUTS[expected.layout]):
+                if conformed is flat:
+                    conformed = list(flat)
+                conformed[i] = actual.contiguous(memory_format=LAYOUTS[expected.layout])
+        return conformed
+
     def placeholders(self) -> list[Any]:
         """A stand-in call: an empty tensor of each tensor input's dtype on its device (the device is
         what an engine built without a call needs to know), the value of each other input."""
@@ -127,6 +177,9 @@ class InputSignature:
             return f"input {i} is on {actual.device}, compiled for {expected.device}"
         if actual.dim() != len(expected.shape):
             return f"input {i} has {actual.dim()} dimensions, compiled for {len(expected.shape)}"
+        layout = layout_of(actual)
+        if layout is not None and layout != expected.layout and not actual.is_contiguous(memory_format=LAYOUTS[expected.layout]):
+            return f"input {i} is {layout}, compiled for {expected.layout}"
         for d, (size, want) in enumerate(zip(actual.shape, expected.shape)):
             if isinstance(want, int):
                 if size != want:
@@ -311,8 +364,10 @@ def _leaf_from_json(leaf: Any, symbols: dict[str, sympy.Symbol]) -> Any:
         if type(value) not in _VALUE_TYPES:
             raise _bad("a signature value", value, "a bool, int, float, str or null")
         return value
-    if not isinstance(leaf, dict) or set(leaf) != {"dtype", "device", "shape"}:
-        raise _bad("a signature leaf", leaf, "{dtype, device, shape} or {value}")
+    if not isinstance(leaf, dict) or set(leaf) != {"dtype", "device", "shape", "layout"}:
+        raise _bad("a signature leaf", leaf, "{dtype, device, shape, layout} or {value}")
+    if leaf["layout"] not in LAYOUTS:
+        raise _bad("a signature layout", leaf["layout"], "one of " + ", ".join(LAYOUTS))
     dtype = _DTYPES.get(leaf["dtype"]) if isinstance(leaf["dtype"], str) else None
     if dtype is None:
         raise _bad("a signature dtype", leaf["dtype"], "the name of a torch dtype")
@@ -332,7 +387,7 @@ def _leaf_from_json(leaf: Any, symbols: dict[str, sympy.Symbol]) -> Any:
             shape.append(d)
         else:
             shape.append(parse_size(d, symbols))
-    return _TensorLeaf(dtype, device, tuple(shape))
+    return _TensorLeaf(dtype, device, tuple(shape), leaf["layout"])
 
 
 def _is_int(value: Any) -> bool:

@@ -72,7 +72,7 @@ class Variant:
         return binding
 
     def __call__(self, flat: Sequence[Any]) -> Any:
-        outputs = self.engine(*flat)
+        outputs = self.engine(*self.signature.conform(flat))
         if self.updates:
             with torch.no_grad():
                 for target, value in zip(self.updates, outputs):

@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 from ..core import lifting, registry
 from ..core.errors import EngineFileError, InputError, RefitError, TorchTRTExtError
 from ..core.settings import Settings
-from ..core.signature import InputSignature
+from ..core.signature import InputSignature, dense
 from ..engines import Engine, build_engine, resolve_kind
 from ..operations import engine_cache, files
 from ..operations.program import CompiledProgram
@@ -270,8 +270,8 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
             if variant is not None:
                 self._variants.append(variant)
                 return variant
-        try:
-            ep = capture.export(self.original, args, kwargs, self.settings)
+        try:  # captured for dense inputs (a slice or transpose is copied: the code then takes any call)
+            ep = capture.export(self.original, *pytree.tree_map(dense, (args, kwargs)), self.settings)
         except Exception as exc:
             self._raise_as_eager(args, kwargs)  # an input eager rejects: eager's own error
             if self.settings.frontend == "export" or not first:
