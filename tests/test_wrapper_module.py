@@ -242,3 +242,32 @@ def test_non_contiguous_and_channels_last_inputs_work_in_both_entry_points():
     ids = torch.randint(0, 10, (4, 96))
     emb = torchtrt_ext.compile(nn.Embedding(10, 8).eval())
     torch.testing.assert_close(emb(ids[:, :32]), emb.original(ids[:, :32]))  # a column slice, as BART's decoder ids
+
+
+class _TakesKwargs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, **kwargs):
+        y = self.fc(x)
+        return y * kwargs["scale"] if "scale" in kwargs else y
+
+
+def test_an_extra_keyword_to_a_kwargs_forward_takes_the_export_path():
+    model = _TakesKwargs().eval()
+    compiled = torchtrt_ext.compile(model)
+    for batch in (3, 5):
+        x, scale = torch.randn(batch, 4), torch.randn(batch, 4)
+        torch.testing.assert_close(compiled(x, scale=scale), model(x, scale=scale), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not compiled.uses_dynamo and len(compiled.variants) == 3
+
+
+def test_the_fallback_warning_gives_exports_reason_and_what_avoids_it(caplog):
+    _, _, model = _tiny_llama()
+    with caplog.at_level("WARNING", logger="torchtrt_ext"):
+        compiled = torchtrt_ext.compile(model, (torch.randint(0, 128, (1, 5)),))
+    assert compiled.uses_dynamo
+    assert "torch.export could not capture LlamaForCausalLM.forward" in caplog.text
+    assert "use_cache=False" in caplog.text

@@ -7,6 +7,8 @@ import inspect
 import itertools
 from typing import Any, Iterator
 
+import logging
+
 import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
@@ -15,6 +17,8 @@ from ..core.errors import InputError, TorchTRTExtError
 from ..core.runtime import WeightWatch
 from ..core.settings import Settings
 from ..operations.refit import weight_mismatch
+
+log = logging.getLogger("torchtrt_ext")
 
 
 def export(model: torch.nn.Module, args: tuple, kwargs: dict, settings: Settings) -> torch.export.ExportedProgram:
@@ -29,14 +33,50 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict, settings: Settings
             if home is not None:
                 args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(home.device), (args, kwargs))
             return torch.export.export(model, args, kwargs, strict=False)
-        dynamic = None
-        if settings.dynamic_batch:
-            dims = torch.export.ShapesCollection()
-            for leaf in pytree.tree_leaves((args, kwargs)):
-                if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-                    dims[leaf] = {0: torch.export.Dim.AUTO}
-            dynamic = dims.dynamic_shapes(model, args, kwargs)
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        dynamic = _batch_dynamic(model, args, kwargs) if settings.dynamic_batch else None
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        except AssertionError as exc:
+            # torch.export cannot take dynamic shapes for keyword arguments that a **kwargs parameter
+            # gathers ("Must provide a tree_name"): such a call is captured with static shapes.
+            if dynamic is None or "tree_name" not in str(exc):
+                raise
+        log.info("torchtrt_ext: %s.forward takes **kwargs: captured with static shapes", type(model).__name__)
+        return torch.export.export(model, args, kwargs, strict=False)
+
+
+def avoid_fallback(exc: BaseException) -> str:
+    """What would let torch.export capture the model, from its error."""
+    text = str(exc)
+    if "Cache" in text:
+        return (
+            "The model takes or returns a transformers cache object (DynamicCache, EncoderDecoderCache), "
+            "which torch.export does not take: call it with use_cache=False to take the export path."
+        )
+    return "Pass frontend='dynamo' to skip the export attempt, or make forward traceable (see the reason)."
+
+
+def _batch_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """dynamic_shapes marking dimension 0 of every tensor input, by forward's parameter names (keyword
+    arguments gathered by a **kwargs parameter nested under its name)."""
+
+    def batch(value: Any) -> Any:
+        return pytree.tree_map(lambda leaf: {0: torch.export.Dim.AUTO} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None, value)
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:  # the call itself is wrong: export says how
+        return None
+    shapes: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {key: batch(v) for key, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(batch(v) for v in value)
+        else:
+            shapes[name] = batch(value)
+    return shapes
 
 
 @contextlib.contextmanager

@@ -277,10 +277,11 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
             if self.settings.frontend == "export" or not first:
                 raise
             log.warning(
-                "torchtrt_ext: torch.export could not capture %s.forward (%s); using dynamo, which splits "
-                "the graph at the code export cannot trace",
+                "torchtrt_ext: torch.export could not capture %s.forward (%s); using dynamo instead, which "
+                "compiles what it can trace and splits the graph around the rest. %s",
                 type(self.original).__name__,
                 first_line(exc),
+                capture.avoid_fallback(exc),
             )
             self._use_dynamo()
             return None

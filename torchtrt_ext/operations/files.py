@@ -19,7 +19,9 @@ import logging
 import time
 from typing import Any
 
+import sympy
 import torch
+from torch._guards import detect_fake_mode
 
 from ..core import engine_file
 from ..core.engine_file import Artifact, Blob, EngineFile, Header, TensorEntry, tensor_bytes
@@ -185,8 +187,10 @@ class Contents:
             raise EngineFileError(f"{self.path}: {entry.name} could not be read ({exc})") from None
         ep._state_dict = {k: _as_saved(v, self.values[k]) for k, v in ep.state_dict.items()}
         ep._constants = {k: self.values.get(k, v) for k, v in ep.constants.items()}
+        _drop_expression_hints(ep)
         self._programs[index] = ep
         return ep
+
 
     def artifact(self, index: int) -> tuple[bytes, dict] | None:
         """Graph `index`'s compiled code saved whole and what binds it (wrapper._Variant.binding), or
@@ -288,3 +292,14 @@ def inspect(path: str) -> str:
             lines.append(f"    {', '.join(t.names)}: {t.dtype} {tuple(t.shape)} {t.data_nbytes} bytes")
         lines.append(f"  weights: {total} bytes ({total / 2**20:.1f} MiB)")
     return "\n".join(lines)
+
+
+def _drop_expression_hints(ep: torch.export.ExportedProgram) -> None:
+    """torch.export.load (torch 2.11-2.13) records size hints for derived expressions (`7*s43: 14`)
+    among the shape environment's variables, where Inductor expects symbols only: compiling the loaded
+    graph failed with "expected sympy.Symbol" (GPT-2). The hints of the symbols themselves are kept."""
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"])
+    hints = getattr(getattr(fake_mode, "shape_env", None), "backed_var_to_val", None)
+    if isinstance(hints, dict):
+        for key in [k for k in hints if not isinstance(k, sympy.Symbol)]:
+            del hints[key]
