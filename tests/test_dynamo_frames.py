@@ -101,6 +101,7 @@ def test_wrapper_dynamo_frontend_follows_new_weights_per_layer():
         assert _rel(compiled(x), new(x)) < 1e-5
 
 
+@pytest.mark.zoo
 def test_bart_fp16_through_both_entry_points():
     transformers = pytest.importorskip("transformers")
     torch._dynamo.reset()
@@ -187,6 +188,7 @@ def test_bart_base_fp16_on_cuda(cuda_graphs):
     assert all(e.device.type == "cuda" for e in torchtrt_ext.engines_of(model))
 
 
+@pytest.mark.zoo
 def test_a_hugging_face_forward_lifts_its_weights_and_refits_through_the_backend():
     """Hugging Face wraps forward in decorators taking (*args, **kwargs): dynamo reads the weights as
     `args[0]`'s parameters. They are the engine's weights, refit through the backend reaches them."""

@@ -148,6 +148,7 @@ def test_refit_none_refuses_changed_weights_and_identical_refuses_other_values()
         same.load_state_dict(_net(seed=3).eval().state_dict())
 
 
+@pytest.mark.zoo
 def test_half_after_compile_follows_for_an_integer_input_model():
     """BERT takes token ids: a .half() changes no input, only the weights; the engines follow (D8)."""
     transformers = pytest.importorskip("transformers")
@@ -188,6 +189,7 @@ def _tiny_llama():
     return transformers, config, transformers.LlamaForCausalLM(config).eval()  # default use_cache=True
 
 
+@pytest.mark.zoo
 def test_generate_runs_the_engines_and_equals_eager():
     """A decoder at default settings (DynamicCache): wrapped.generate() sends its forward calls through
     the engines (D4), and its tokens equal eager greedy generate()."""
@@ -201,6 +203,7 @@ def test_generate_runs_the_engines_and_equals_eager():
     assert "forward" not in vars(model)  # the routing is undone
 
 
+@pytest.mark.zoo
 def test_a_decode_loop_with_a_dynamic_cache_equals_eager():
     """The wrapper never runs the model on the caller's own inputs outside the engines: a KV cache
     passed in is appended to exactly once per call."""
@@ -264,6 +267,7 @@ def test_an_extra_keyword_to_a_kwargs_forward_takes_the_export_path():
     assert not compiled.uses_dynamo and len(compiled.variants) == 3
 
 
+@pytest.mark.zoo
 def test_the_fallback_warning_gives_exports_reason_and_what_avoids_it(caplog):
     _, _, model = _tiny_llama()
     with caplog.at_level("WARNING", logger="torchtrt_ext"):
