@@ -429,7 +429,7 @@ def test_an_engine_file_or_cache_entry_with_such_a_size_is_refused_and_runs_noth
     engine_file.write(str(entry), header, regions)
     with caplog.at_level(logging.WARNING, logger="torchtrt_ext"):
         again = torchtrt_ext.compile(model, (x,), cache_dir=str(cache))
-    assert not again._variants[0].from_cache
+    assert not again.variants[0].from_cache
     assert "not used" in caplog.text and "'__import__' is not a size symbol" in caplog.text
     assert not os.path.exists(tmp_path / "PWNED")
 
