@@ -103,6 +103,7 @@ def test_zoo_model_through_both_entry_points_refit_state_dict_and_files(name, tm
     compiled = torchtrt_ext.compile(model, example_kwargs=static)
     assert not compiled.uses_dynamo
     _assert_equal_outputs(compiled(**static), model(**static))
+    assert len(compiled.variants) == 1  # the call compiled for is not compiled again (T5 did, D10)
     other = _build(name, 5)
     torchtrt_ext.refit(compiled, other.state_dict())
     _assert_equal_outputs(compiled(**static), other(**static))
@@ -112,3 +113,4 @@ def test_zoo_model_through_both_entry_points_refit_state_dict_and_files(name, tm
     torchtrt_ext.save(compiled, tmp_path / "model.ttx")
     loaded = torchtrt_ext.load(tmp_path / "model.ttx")
     _assert_equal_outputs(loaded(**static), third(**static))
+    assert len(compiled.variants) == len(loaded.variants) == 1
