@@ -44,27 +44,32 @@ class DynamoGraph:
         registry.add(engine, [w.tensor for w in lifted.weights])
         weights = self._pick_weights(lifted.example_args)
         self.engine = engine  # the first: the one built for the weights of the first call
-        self._by_weights: dict[tuple[int, ...], tuple[Engine, tuple]] = {tuple(map(id, weights)): (engine, weights)}
-        self._last = (engine, weights)
+        entry = (engine, weights, tuple(map(_data_ptr, weights)))
+        self._by_weights: dict[tuple[int, ...], tuple[Engine, tuple, tuple]] = {tuple(map(id, weights)): entry}
+        self._last = entry
         self._lock = threading.Lock()
 
     @property
     def engines(self) -> list[Engine]:
-        return [engine for engine, _ in self._by_weights.values()]
+        return [entry[0] for entry in self._by_weights.values()]
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
-        engine, weights = self._last
-        if not all(map(operator.is_, self._pick_weights(args), weights)):
+        engine, weights, pointers = self._last
+        picked = self._pick_weights(args)
+        # The same tensors, and their memory not swapped (`p.data = ...` keeps the Parameter object)
+        if not all(map(operator.is_, picked, weights)) or tuple(map(_data_ptr, picked)) != pointers:
             engine = self._engine_for(args)
         return engine(*self._pick_inputs(args))
 
     def _engine_for(self, args: Sequence[Any]) -> Engine:
         weights = self._pick_weights(args)
         key = tuple(map(id, weights))
+        pointers = tuple(map(_data_ptr, weights))
         with self._lock:  # concurrent first calls with new weights build one engine
             found = self._by_weights.get(key)
-            if found is None or not all(map(operator.is_, weights, found[1])):
-                found = (self._build_for(args, weights), weights)
+            if found is None or not all(map(operator.is_, weights, found[1])) or found[2] != pointers:
+                # new tensors, or the same ones with new memory: that entry is replaced, not kept
+                found = (self._build_for(args, weights), weights, pointers)
                 self._by_weights[key] = found
             self._last = found
             return found[0]
@@ -82,6 +87,9 @@ class DynamoGraph:
         engine = build_engine(lifted, self._settings, like=self.engine)
         registry.add(engine, list(weights))
         return engine
+
+
+_data_ptr = torch.Tensor.data_ptr
 
 
 def _picker(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple]:

@@ -4,6 +4,7 @@ their forward calls go through the engines."""
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from typing import Any, Callable
 
@@ -29,7 +30,11 @@ def call_routed(compiled: Any, method: Callable[..., Any], *args: Any, **kwargs:
     original = compiled.original
     if "forward" in original.__dict__:  # routed already (a method calling another)
         return method(*args, **kwargs)
-    original.__dict__["forward"] = functools.partial(_routed_forward, compiled)
+    routed = functools.partial(_routed_forward, compiled)
+    # The model's own methods read forward's signature (generate builds attention masks and position
+    # ids only for a forward that takes them): the routed forward shows the original's.
+    routed.__signature__ = inspect.signature(original.forward)
+    original.__dict__["forward"] = routed
     try:
         return method(*args, **kwargs)
     finally:

@@ -199,7 +199,8 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
     def drop_variants(self, why: str) -> None:
         """Forget every compiled signature: the next call compiles for the model as it is now."""
         log.info("torchtrt_ext: %s: %s; its engines are compiled again at the next call", type(self.original).__name__, why)
-        self._variants.clear()
+        with self._compile_lock:  # a compile in flight (for the old weights) finishes first
+            self._variants.clear()
         self._trainable = list(self.original.parameters())
 
     def _eager_reason(self, args: tuple, kwargs: dict) -> str | None:
@@ -289,7 +290,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         if digest is not None:
             if not variant.updates:  # one run first: Inductor's autotuning results then travel in the entry
                 with torch.no_grad():
-                    variant.engine(*flat)
+                    variant.engine(*variant.signature.conform(flat))
             self._store_in_cache(digest, variant)
         if not first:
             log.info(
@@ -314,7 +315,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         if self.settings.weight_streaming and flat is not None:  # captured where the model is; compiled for the inputs' device
             for position, leaf in zip(lifted.input_positions, flat):
                 if isinstance(leaf, torch.Tensor):
-                    lifted.example_args[position] = leaf
+                    lifted.example_args[position] = dense(leaf)
         signature = InputSignature(spec, [lifted.example_args[i] for i in lifted.input_positions], ep.range_constraints)
         variant = self._make_variant(lifted, signature, ep.call_spec.out_spec, capture.updates(self.original, ep), keep_artifact=keep_artifact)
         variant.exported = ep

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from ..core.settings import Settings
+from ..core.signature import layout_of
 from ..core.version import __version__
 from ..engines.tensorrt import tensorrt_version
 
@@ -109,7 +110,7 @@ def key(module: torch.nn.Module, spec: Any, flat: Sequence[Any], settings: Setti
         if isinstance(leaf, torch.Tensor):
             where = leaf.device
             cap = torch.cuda.get_device_capability(where) if where.type == "cuda" else None
-            add("tensor", leaf.dtype, tuple(leaf.shape), where.type, where.index, cap)
+            add("tensor", leaf.dtype, tuple(leaf.shape), layout_of(leaf) or "contiguous", where.type, where.index, cap)
         else:
             add("value", leaf)
     classes = {}

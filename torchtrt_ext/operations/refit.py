@@ -51,12 +51,14 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
     on any stream, compute with the new weights.
     """
     start = time.perf_counter()
-    engines, indexes, model_names, required = _engines_of(compiled)
-    eager_module = _eager_parts_of(compiled)
     with contextlib.ExitStack() as held, open_weights(weights) as source:
         if isinstance(compiled, CompiledProgram):
             held.enter_context(compiled.weights_lock)  # the wrapper's auto-refit waits, then sees this
-            compiled.sync_weights()  # changes to the model made before this refit come first
+            # Changes to the model made before this refit come first, before the engines are listed:
+            # following them may drop the engines (the model moved to another dtype or device).
+            compiled.sync_weights()
+        engines, indexes, model_names, required = _engines_of(compiled)
+        eager_module = _eager_parts_of(compiled)
         for engine in sorted(engines, key=id):  # one order everywhere: no deadlock between refits
             held.enter_context(engine.refit_lock)
         plan, unused, missing = _plan(engines, indexes, source, strict, model_names, required)
@@ -69,6 +71,7 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
             for name, (target, value) in eager.items():
                 target.copy_(value, non_blocking=True)
                 written += target.nbytes
+            written += _write_model(_model_of(compiled), plan, indexes)
         unused = unused - set(eager)
         if isinstance(compiled, CompiledProgram):
             # complete once every state_dict weight came (stripped files keep constants, non-persistent buffers)
@@ -82,6 +85,34 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
         bytes=written,
         seconds=time.perf_counter() - start,
     )
+
+
+def _model_of(compiled: Any) -> torch.nn.Module | None:
+    if isinstance(compiled, CompiledProgram):
+        return compiled.model
+    if isinstance(compiled, torch.nn.Module):
+        return getattr(compiled, "_orig_mod", compiled)
+    return None
+
+
+def _write_model(module: torch.nn.Module | None, plan: list, indexes: Sequence[Mapping[str, int]]) -> int:
+    """The model's own tensors take the values loaded where they are not the engine's memory (a
+    double-buffered or weight-streaming engine): the model stays what its engines compute, for its
+    state_dict, an eager call and a later compile. Returns the bytes written."""
+    if module is None:
+        return 0
+    own = dict(module.named_parameters(remove_duplicate=False))
+    own.update(module.named_buffers(remove_duplicate=False))
+    written = 0
+    for (engine, values), index_of in zip(plan, indexes):
+        current = engine.weight_tensors()
+        for name, index in index_of.items():
+            target = own.get(name)
+            if index not in values or target is None or target.data_ptr() == current[index].data_ptr():
+                continue
+            target.detach().copy_(values[index], non_blocking=True)
+            written += target.nbytes
+    return written
 
 
 def _eager_parts_of(compiled: Any) -> torch.nn.Module | None:
