@@ -93,14 +93,18 @@ def _word_sum(data: bytes) -> int:
     return sum(struct.unpack(f"<{len(data) // 4}i", data)) % 2**64
 
 
-def _swap_words(region: bytearray, rng: random.Random) -> None:
-    words = len(region) // 4
-    while True:
-        i, j = sorted(rng.sample(range(words), 2))
-        a, b = region[4 * i : 4 * i + 4], region[4 * j : 4 * j + 4]
-        if a != b:
-            region[4 * i : 4 * i + 4], region[4 * j : 4 * j + 4] = b, a
-            return
+def _swap(width: int):
+    """Swap two unequal `width`-byte pieces of a region."""
+
+    def swap(region: bytearray, rng: random.Random) -> None:
+        while True:
+            i, j = sorted(rng.sample(range(len(region) // width), 2))
+            a, b = region[width * i : width * (i + 1)], region[width * j : width * (j + 1)]
+            if a != b:
+                region[width * i : width * (i + 1)], region[width * j : width * (j + 1)] = b, a
+                return
+
+    return swap
 
 
 def _plus_minus_k(region: bytearray, rng: random.Random) -> None:
@@ -112,17 +116,7 @@ def _plus_minus_k(region: bytearray, rng: random.Random) -> None:
         struct.pack_into("<I", region, 4 * w, (value + delta) % 2**32)
 
 
-def _swap_blocks(region: bytearray, rng: random.Random) -> None:
-    blocks = len(region) // 64
-    while True:
-        i, j = sorted(rng.sample(range(blocks), 2))
-        a, b = region[64 * i : 64 * i + 64], region[64 * j : 64 * j + 64]
-        if a != b:
-            region[64 * i : 64 * i + 64], region[64 * j : 64 * j + 64] = b, a
-            return
-
-
-CORRUPTIONS = {"swap two 4-byte words": _swap_words, "+k and -k in two words": _plus_minus_k, "swap two 64-byte blocks": _swap_blocks}
+CORRUPTIONS = {"swap two 4-byte words": _swap(4), "+k and -k in two words": _plus_minus_k, "swap two 64-byte blocks": _swap(64)}
 
 
 def _corrupt_every_region(path, tmp_path, corrupt, load):

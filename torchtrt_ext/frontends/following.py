@@ -4,20 +4,39 @@ mode: 'refit' follows, 'none' refuses any change, 'identical' refuses other valu
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
+import threading
 from typing import Any, Mapping
 
 import torch
 
 from ..core import registry
 from ..core.errors import RefitError
+from ..core.file_layout import host_view, tensor_bytes
 from . import capture
 
 
 class FollowsWeights:
-    """Mixed into CompiledModule, which provides original, settings, engines, weight_names_of and the
-    watch (capture.watch_weights) with its weights lock."""
+    """Mixed into CompiledModule, which provides original, settings, engines and weight_names_of, and
+    calls start_following from its __init__. The watch and its lock are this class's own."""
+
+    def start_following(self, module: torch.nn.Module) -> None:
+        """Watch every parameter and buffer slot of `module` (capture.watch_weights)."""
+        self._watch, self._watched, self._watched_names = capture.watch_weights(module)
+        self._weights_lock = threading.RLock()
+
+    @property
+    def weights_lock(self) -> threading.RLock:
+        return self._weights_lock
+
+    @property
+    def weight_names(self) -> frozenset[str]:
+        """Every parameter and buffer name of the original module (tied ones under each name)."""
+        return frozenset(self._watched_names)
+
+    def accept_weights(self) -> None:
+        """What the model's weights hold now is what the engines compute with."""
+        self._watch.accept_all()
 
     def _follow_weights(self) -> None:
         """Auto-refit: where the model's weights were replaced or written in place since the last
@@ -124,5 +143,4 @@ def _listed(tensors: Mapping[str, Any], most: int = 5) -> str:
 
 def _fingerprint(t: torch.Tensor) -> str:
     """A digest of a tensor's values (refit='identical' keeps one per weight, as built)."""
-    data = t.detach().contiguous().cpu()
-    return hashlib.sha256(ctypes.string_at(data.data_ptr(), data.numel() * data.element_size())).hexdigest()
+    return hashlib.sha256(host_view(tensor_bytes(t).cpu())).hexdigest()

@@ -52,8 +52,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         self._variants: list[Variant] = []
         self._dynamo: Any = None
         self._forward_signature = inspect.signature(module.forward)
-        self._watch, self._watched, self._watched_names = capture.watch_weights(module)
-        self._weights_lock = threading.RLock()
+        self.start_following(module)
         self._weights_missing = False  # loaded from a weight-stripped file, not refitted yet
         # Concurrent first calls of one signature: one compiles, the others wait and then use it.
         self._compile_lock = threading.Lock()
@@ -68,14 +67,6 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
             names = self.__dict__["_state_dict_names"] = frozenset(self.original.state_dict(keep_vars=True))
         return names
 
-    @property
-    def weight_names(self) -> frozenset[str]:
-        """Every parameter and buffer name of the original module (tied ones under each name)."""
-        names = self.__dict__.get("_weight_names")
-        if names is None:
-            names = self.__dict__["_weight_names"] = frozenset(self._watched_names)
-        return names
-
     # --- the surface the operations use (operations.program.CompiledProgram) -----------------------
 
     @property
@@ -87,10 +78,6 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         return self._variants
 
     @property
-    def weights_lock(self) -> threading.RLock:
-        return self._weights_lock
-
-    @property
     def forward_signature(self) -> inspect.Signature:
         return self._forward_signature
 
@@ -98,7 +85,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         self._follow_weights()
 
     def weights_given(self, complete: bool) -> None:
-        self._watch.accept_all()  # what the model holds now is what the engines were given
+        self.accept_weights()  # what the model holds now is what the engines were given
         if complete:
             self._weights_missing = False
 
