@@ -39,10 +39,7 @@ def _overhead(device: torch.device) -> list[dict]:
     x = torch.randn(1, 16, device=device)
     compiled = torchtrt_ext.compile(model, (x,), dynamic_batch=False)
     engine = compiled.engines[0]
-    args = engine._arguments()
-    for position in engine._input_positions:
-        args[position] = x
-    direct = engine._compiled
+    direct, args = engine.compiled_call(x)
     calls = 20_000
     rows = []
     custom = torch.cuda.Stream(device)

@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu.sh OUT_DIR [build] [tests] [bench] [stress] [selftest] [sanitize]
 #   TESTS="tests/a.py ..." picks the test files; BENCHMARKS="name:timeout_s ..." the benchmarks;
-#   BENCH_ARGS="--quick" runs their smallest cases only.
+#   BENCH_ARGS="--quick" runs their smallest cases only; TEST_JOBS=N runs N test files at once (logs in
+#   OUT_DIR/tests/).
 #
 # Each step's log lands in OUT_DIR; the last lines printed summarise every step (the device tool
 # returns the end of the output).
@@ -39,12 +40,22 @@ for s in $STEPS; do
       step build $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; break; }
       $PY -c "from torchtrt_ext.core import runtime as r; assert r.built_with_cuda, 'CPU build on a GPU machine'; print('runtime built with CUDA')" \
         || { echo "runtime check failed"; break; } ;;
-    tests)  # one pytest per file: a crash in one file cannot hide the results of the others
-      step tests bash -c "for f in ${TESTS:-tests/test_dynamo_frames.py tests/test_backend.py tests/test_wrapper.py tests/test_cuda.py tests/test_streams.py tests/test_runtime_leaks.py tests/test_refit.py tests/test_refit_hot.py tests/test_streaming.py tests/test_files.py tests/test_file_integrity.py}; do echo \"--- \$f\"; \
-        $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE \$f; done" ;;
-    bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit
+    tests)  # one pytest per file, TEST_JOBS files at a time: a crash in one file cannot hide the others
+      run_test_file() { # file: its own log under OUT/tests/, then one line with its outcome
+        local log="$OUT/tests/$(basename "$1" .py).log" start=$SECONDS
+        $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE "$1" > "$log" 2>&1
+        echo "--- $1 rc=$? $((SECONDS - start))s: $(tail -1 "$log")"
+      }
+      export -f run_test_file; export OUT PY
+      mkdir -p "$OUT/tests"
+      step tests bash -c "printf '%s\n' ${TESTS:-tests/test_cuda.py tests/test_streaming.py tests/test_refit.py tests/test_wrapper.py tests/test_backend.py tests/test_streams.py tests/test_refit_hot.py tests/test_files.py tests/test_file_integrity.py tests/test_runtime_leaks.py tests/test_dynamo_frames.py tests/test_wrapper_module.py} \
+        | xargs -P ${TEST_JOBS:-1} -I{} bash -c 'run_test_file {}'; ! grep -l -E '^(FAILED|ERROR)|[0-9]+ (failed|error)' $OUT/tests/*.log"
+      ;;
+    bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit;
+            # BENCHMARKS entries are name:timeout_s[:extra-args], e.g. streaming:300:--quick
       step bench bash -c "for b in ${BENCHMARKS:-engine_llama:240 engine_resnet50:200 streams:100 refit:200 streaming:450 files:300 engine_cache:420}; do \
-        echo \"--- \${b%%:*}\"; timeout \${b##*:} $PY -m benchmarks \${b%%:*} --out $OUT ${BENCH_ARGS:-}; echo \"\${b%%:*} rc=\$?\"; done" ;;
+        IFS=: read -r name limit extra <<< \"\$b\"; echo \"--- \$name\"; \
+        timeout \$limit $PY -m benchmarks \$name --out $OUT ${BENCH_ARGS:-} \$extra; echo \"\$name rc=\$?\"; done" ;;
     stress)
       step stress $PY -m tests.stress_streams --calls 10000 --threads 4 ;;
     selftest)  # the runtime core without Python, plain and under compute-sanitizer (memcheck, racecheck, synccheck)

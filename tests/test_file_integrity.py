@@ -471,8 +471,8 @@ def test_every_size_expression_the_writer_emits_for_real_exports_round_trips():
         data = signature.to_json()
         back = InputSignature.from_json(json.loads(json.dumps(data)))
         assert back.to_json() == data
-        assert [leaf.shape for leaf in back._leaves] == [leaf.shape for leaf in signature._leaves]  # sympy-equal
-        assert back._ranges == signature._ranges
+        assert [leaf.shape for leaf in back.leaves] == [leaf.shape for leaf in signature.leaves]  # sympy-equal
+        assert back.ranges == signature.ranges
         spec = torch.utils._pytree.tree_flatten((args, {}))[1]
         for scale in (1, 2):
             call = [torch.randn(*(d * scale if i == 0 else d for i, d in enumerate(a.shape))) for a in args]

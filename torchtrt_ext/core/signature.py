@@ -81,6 +81,16 @@ class InputSignature:
         # symbol -> (lowest, highest or None when unbounded)
         self._ranges = {sym: (int(r.lower), _finite(r.upper)) for sym, r in range_constraints.items()}
 
+    @property
+    def leaves(self) -> tuple[Any, ...]:
+        """Each flattened input: a tensor leaf (shape, dtype, layout) or a constant."""
+        return tuple(self._leaves)
+
+    @property
+    def ranges(self) -> dict[Any, tuple[int, int | None]]:
+        """Each size symbol's (low, high) bounds; high is None when unbounded."""
+        return dict(self._ranges)
+
     def to_json(self) -> dict:
         """The signature as JSON data; raises TypeError where an input cannot be written down."""
         leaves = []

@@ -14,11 +14,18 @@ from .streamed import StreamedEngine
 
 log = logging.getLogger("torchtrt_ext")
 
-__all__ = ["Engine", "MemoryUse", "BuiltinEngine", "StreamedEngine", "resolve_kind", "build_engine"]
+__all__ = ["Engine", "MemoryUse", "BuiltinEngine", "StreamedEngine", "auto_choice", "resolve_kind", "build_engine"]
+
+
+def auto_choice() -> str:
+    """What engine='auto' picks here, and why: the line resolve_kind says once at INFO."""
+    reason = tensorrt.unavailable_reason()
+    kind = "builtin" if reason is not None else "tensorrt"
+    return f"torchtrt_ext: engine='auto' picked {kind!r}" + (f" ({reason})" if reason else "")
 
 
 def resolve_kind(settings: Settings) -> str:
-    """The engine kind to build: settings.engine, with 'auto' resolved. Says at INFO what auto chose."""
+    """The engine kind to build: settings.engine, with 'auto' resolved. Says at INFO (once) what auto chose."""
     if settings.engine == "builtin":
         return "builtin"
     reason = tensorrt.unavailable_reason()
@@ -30,9 +37,8 @@ def resolve_kind(settings: Settings) -> str:
                 "to the built-in engine)"
             )
         return "tensorrt"
-    kind = "builtin" if reason is not None else "tensorrt"
-    _say_once(f"torchtrt_ext: engine='auto' picked {kind!r}" + (f" ({reason})" if reason else ""))
-    return kind
+    _say_once(auto_choice())
+    return "builtin" if reason is not None else "tensorrt"
 
 
 _said: set[str] = set()
