@@ -72,7 +72,7 @@ class _Noisy(torch.nn.Module):
 def test_cuda_graph_mode_falls_back_with_a_warning_where_capture_fails_and_leaves_rng_usable():
     """Random numbers cannot be captured by the runtime's graphs (torch's generator is not told), so such
     an engine warns and runs without a graph; the generator stays usable for everyone else."""
-    compiled = torchtrt_ext.compile(_Noisy(), (torch.randn(8, 16, device="cuda"),), cuda_graphs=True)
+    compiled = torchtrt_ext.compile(_Noisy().eval(), (torch.randn(8, 16, device="cuda"),), cuda_graphs=True)
     x = torch.randn(8, 16, device="cuda")
     with pytest.warns(RuntimeWarning, match="could not capture a CUDA graph for this input signature"):
         first = compiled(x)
@@ -173,7 +173,7 @@ def test_threads_on_one_engine_never_share_a_slot():
     from torchtrt_ext.core.runtime import Runner
 
     runner = Runner("cuda", 16)
-    lock = threading.Lock()
+    lock = threading.Condition()
     active: set[int] = set()
     clashes, overlaps = [], []
 
@@ -184,6 +184,9 @@ def test_threads_on_one_engine_never_share_a_slot():
             active.add(slot)
             if len(active) > 1:
                 overlaps.append(len(active))
+                lock.notify_all()
+            elif not overlaps:  # until an overlap is seen, wait a while for another thread to come in
+                lock.wait_for(lambda: len(active) > 1, timeout=0.05)
         try:
             time.sleep(0.0005)
             return inputs[0] + 1
