@@ -44,6 +44,7 @@ class LogitsOnly(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
+        self.train(lm.training)  # the wrapper runs a model in training mode eagerly; keep the LM's mode
 
     def forward(self, input_ids):
         return self.lm(input_ids=input_ids, use_cache=False).logits

@@ -40,15 +40,16 @@ for s in $STEPS; do
       step build $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; break; }
       $PY -c "from torchtrt_ext.core import runtime as r; assert r.built_with_cuda, 'CPU build on a GPU machine'; print('runtime built with CUDA')" \
         || { echo "runtime check failed"; break; } ;;
-    tests)  # one pytest per file, TEST_JOBS files at a time: a crash in one file cannot hide the others
+    tests)  # one pytest per file, TEST_JOBS files at a time (the slowest first): a crash in one file cannot hide the others
       run_test_file() { # file: its own log under OUT/tests/, then one line with its outcome
         local log="$OUT/tests/$(basename "$1" .py).log" start=$SECONDS
         $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE "$1" > "$log" 2>&1
         echo "--- $1 rc=$? $((SECONDS - start))s: $(tail -1 "$log")"
+        grep -E "^(FAILED|ERROR)" "$log" | cut -c1-400 || true  # the failures, where they are seen
       }
       export -f run_test_file; export OUT PY
       mkdir -p "$OUT/tests"
-      step tests bash -c "printf '%s\n' ${TESTS:-tests/test_cuda.py tests/test_streaming.py tests/test_refit.py tests/test_wrapper.py tests/test_backend.py tests/test_streams.py tests/test_refit_hot.py tests/test_files.py tests/test_file_integrity.py tests/test_runtime_leaks.py tests/test_dynamo_frames.py tests/test_wrapper_module.py} \
+      step tests bash -c "printf '%s\n' ${TESTS:-tests/test_dynamo_frames.py tests/test_cuda.py tests/test_streaming.py tests/test_refit.py tests/test_wrapper.py tests/test_backend.py tests/test_streams.py tests/test_refit_hot.py tests/test_files.py tests/test_file_integrity.py tests/test_runtime_leaks.py tests/test_wrapper_module.py} \
         | xargs -P ${TEST_JOBS:-1} -I{} bash -c 'run_test_file {}'; ! grep -l -E '^(FAILED|ERROR)|[0-9]+ (failed|error)' $OUT/tests/*.log"
       ;;
     bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit;
