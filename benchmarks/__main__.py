@@ -26,6 +26,7 @@ BENCHMARKS = {
     "streaming": ("benchmarks.bench_streaming", "run"),
     "files": ("benchmarks.bench_files", "run"),
     "engine_cache": ("benchmarks.bench_files", "run_cache"),
+    "zoo": ("benchmarks.bench_zoo", "run"),
 }
 
 

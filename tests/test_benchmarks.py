@@ -1,7 +1,11 @@
-"""The benchmark tools that run on any machine: the streaming plot from a results file."""
+"""The benchmark tools that run on any machine: the streaming plot from a results file, and the zoo benchmark in quick mode."""
 
 import json
+import math
 import xml.etree.ElementTree as ElementTree
+
+import pytest
+import torch
 
 from benchmarks import plot_streaming
 
@@ -32,3 +36,25 @@ def test_streaming_plot_draws_every_budget_the_floor_and_the_peer(tmp_path):
     for line in lines:
         points = [tuple(map(float, p.split(","))) for p in line.get("points").split()]
         assert points[0][0] < points[-1][0] and points[0][1] < points[-1][1]
+
+
+@pytest.mark.zoo
+def test_zoo_benchmark_quick_on_the_cpu_times_every_variant_and_matches_eager():
+
+    pytest.importorskip("transformers")
+    from benchmarks import bench_zoo
+
+    rows = bench_zoo.run(torch.device("cpu"), quick=True, models=["bert"])
+    by_model = {row["model"]: row for row in rows}
+    assert set(by_model) == {"bert", "geomean"}
+    bert = by_model["bert"]
+    assert "errors" not in bert, bert["errors"]
+    assert bert["dtype"] == "float32"
+    for variant in ("eager", "compile", "backend", "wrapper"):
+        assert bert[f"{variant}_ms"] > 0
+    for variant in ("compile", "backend", "wrapper"):
+        assert bert[f"compile_s_{variant}"] >= 0
+        assert bert[f"max_err_{variant}"] < 1e-4 and bert[f"rel_err_{variant}"] < 1e-4
+    for key in ("backend_ratio", "wrapper_ratio"):
+        assert math.isfinite(bert[key]) and bert[key] > 0
+        assert math.isfinite(by_model["geomean"][key]) and by_model["geomean"][key] > 0

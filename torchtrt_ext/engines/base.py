@@ -88,6 +88,12 @@ class Engine(abc.ABC):
     def weight_tensors(self) -> Sequence[torch.Tensor]:
         """The weights the engine computes with now, by index."""
 
+    def held_tensors(self) -> Sequence[torch.Tensor]:
+        """Every tensor whose memory the engine computes with now or at a later call (with
+        refit_double_buffer, the inactive buffer too). The engine keeps their values itself: a refit
+        writes the model's own tensors only where they are none of these."""
+        return self.weight_tensors()
+
     def named_weights(self) -> Mapping[str, torch.Tensor]:
         """The engine's weights by state_dict name (tied weights appear under each of their names)."""
         tensors = self.weight_tensors()

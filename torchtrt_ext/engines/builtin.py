@@ -220,6 +220,9 @@ class BuiltinEngine(Engine):
     def weight_tensors(self) -> Sequence[torch.Tensor]:
         return self._table
 
+    def held_tensors(self) -> Sequence[torch.Tensor]:
+        return self._table + (self._spare or [])
+
     def load_weights(self, values: Mapping[int, torch.Tensor]) -> None:
         if not values:
             return
@@ -259,6 +262,15 @@ class BuiltinEngine(Engine):
         self._spare_stale = set(values)
         self._active_id ^= 1
         self._bind(fence=True)
+        # 4. Where the buffer just made inactive is the model's own memory (the engine was built on it),
+        #    the model takes the new values too (its state_dict, an eager call), copied from the active
+        #    buffer. Calls that started before the switch may still read that memory on other streams:
+        #    the copy waits until they end (retire), or they would compute with a mix of old and new.
+        shared = [i for i in values if self._spare[i].data_ptr() == self._model_tensors[i].data_ptr()]
+        if shared:
+            self._runner.retire()
+            copy_weights([self._spare[i] for i in shared], [self._table[i] for i in shared])
+            self._spare_stale.difference_update(shared)
 
     def follow(self, values: Mapping[int, torch.Tensor]) -> None:
         load: dict[int, torch.Tensor] = {}

@@ -97,7 +97,7 @@ def _model_of(compiled: Any) -> torch.nn.Module | None:
 
 def _write_model(module: torch.nn.Module | None, plan: list, indexes: Sequence[Mapping[str, int]]) -> int:
     """The model's own tensors take the values loaded where they are not the engine's memory (a
-    double-buffered or weight-streaming engine): the model stays what its engines compute, for its
+    weight-streaming engine's device copies): the model stays what its engines compute, for its
     state_dict, an eager call and a later compile. Returns the bytes written."""
     if module is None:
         return 0
@@ -105,10 +105,10 @@ def _write_model(module: torch.nn.Module | None, plan: list, indexes: Sequence[M
     own.update(module.named_buffers(remove_duplicate=False))
     written = 0
     for (engine, values), index_of in zip(plan, indexes):
-        current = engine.weight_tensors()
+        held = {t.data_ptr() for t in engine.held_tensors()}  # kept by the engine, ordered against its calls
         for name, index in index_of.items():
             target = own.get(name)
-            if index not in values or target is None or target.data_ptr() == current[index].data_ptr():
+            if index not in values or target is None or target.data_ptr() in held:
                 continue
             target.detach().copy_(values[index], non_blocking=True)
             written += target.nbytes
