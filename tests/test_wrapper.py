@@ -75,15 +75,18 @@ def test_keyword_order_does_not_matter_and_kwargs_change_signature():
 
 
 def test_new_shapes_compile_variants_up_to_the_limit():
+    """A second spatial size compiles those dimensions as dynamic sizes (as dynamo does at a recompile):
+    further sizes fit it. Another layout is another signature, refused once max_variants is reached."""
     model = zoo.build("cnn")
     compiled = torchtrt_ext.compile(model, max_variants=2)
     with torch.no_grad():
-        for hw in (16, 20):  # spatial sizes are static: each is a new signature
+        for hw in (16, 20, 24, 13):
             x = torch.randn(2, 3, hw, hw)
             zoo.assert_matches(compiled(x), model(x), torch.float32)
+        assert len(compiled.variants) == 2
         with pytest.raises(InputError) as e:
-            compiled(torch.randn(2, 3, 24, 24))
-    assert "fits none of the 2 compiled input signatures (against the first: input 0 dimension 2 is 24, compiled for 16)" in str(e.value)
+            compiled(torch.randn(2, 3, 24, 24).to(memory_format=torch.channels_last))
+    assert "fits none of the 2 compiled input signatures (against the first: input 0 is channels_last, compiled for contiguous)" in str(e.value)
     assert "max_variants=2 is reached" in str(e.value)
 
 

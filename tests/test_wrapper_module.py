@@ -166,7 +166,7 @@ def test_half_after_compile_follows_for_an_integer_input_model():
 
 
 @pytest.mark.parametrize("bad", ["feature size", "dtype"])
-def test_an_input_eager_rejects_gets_eagers_own_error_and_the_wrapper_stays_usable(bad):
+def test_an_input_eager_rejects_gets_eagers_own_error_and_the_wrapper_stays_usable(bad, capfd):
     model = _net().eval()
     x = torch.randn(4, 16)
     compiled = torchtrt_ext.compile(model, (x,))
@@ -176,8 +176,23 @@ def test_an_input_eager_rejects_gets_eagers_own_error_and_the_wrapper_stays_usab
     with pytest.raises(type(eager.value)) as ours:
         compiled(wrong)
     assert str(ours.value) == str(eager.value)
+    assert "failed while attempting to run meta" not in capfd.readouterr().err  # no torch-internal error log
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)  # still usable
     assert len(compiled.variants) == 1
+
+
+def test_batch_1_then_other_batches_compile_twice_without_export_warnings(capfd):
+    """Export fixes a size of 1: a first call of batch 1 is compiled for batch 1 alone, and the next
+    batch size compiles the batch dimension as dynamic, once, for every size after it. No export
+    warning about the specialization reaches the user."""
+    model = _net().eval()
+    compiled = torchtrt_ext.compile(model)
+    with torch.no_grad():
+        for batch in (1, 4, 7, 1, 2):
+            x = torch.randn(batch, 16)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(compiled.variants) == 2
+    assert "specialized" not in capfd.readouterr().err
 
 
 def _tiny_llama():
@@ -264,17 +279,56 @@ def test_an_extra_keyword_to_a_kwargs_forward_takes_the_export_path():
         x, scale = torch.randn(batch, 4), torch.randn(batch, 4)
         torch.testing.assert_close(compiled(x, scale=scale), model(x, scale=scale), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    assert not compiled.uses_dynamo and len(compiled.variants) == 3
+    # one variant per structure (with and without scale): the batch size is dynamic in both
+    assert not compiled.uses_dynamo and len(compiled.variants) == 2
+
+
+class _BranchesOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if y.sum() > 0 else y - 1  # a branch on a value: export cannot capture it
+
+
+def test_the_fallback_warning_gives_exports_reason_and_what_avoids_it(caplog):
+    model = _BranchesOnData().eval()
+    x = torch.randn(3, 4)
+    with caplog.at_level("WARNING", logger="torchtrt_ext"):
+        compiled = torchtrt_ext.compile(model, (x,))
+    assert compiled.uses_dynamo
+    assert "torch.export could not capture _BranchesOnData.forward" in caplog.text
+    assert "data-dependent" in caplog.text  # export's own reason
+    assert "frontend='dynamo'" in caplog.text  # what avoids the attempt
+    with torch.no_grad():
+        for sign in (1, -1):
+            x = sign * torch.randn(3, 4).abs()
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.zoo
-def test_the_fallback_warning_gives_exports_reason_and_what_avoids_it(caplog):
+def test_a_decoder_at_default_settings_takes_the_export_path_with_its_cache():
+    """D1: LlamaForCausalLM with use_cache=True returns a DynamicCache; the wrapper exports it (the
+    cache flattened and rebuilt through transformers' pytree registrations), leaves the model's
+    module tree alone, and a decode step that passes the cache back equals eager."""
     _, _, model = _tiny_llama()
-    with caplog.at_level("WARNING", logger="torchtrt_ext"):
-        compiled = torchtrt_ext.compile(model, (torch.randint(0, 128, (1, 5)),))
-    assert compiled.uses_dynamo
-    assert "torch.export could not capture LlamaForCausalLM.forward" in caplog.text
-    assert "use_cache=False" in caplog.text
+    children = dict(model.named_children())
+    compiled = torchtrt_ext.compile(model)
+    ids = torch.randint(0, 128, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():
+        expected, got = model(input_ids=ids, attention_mask=mask), compiled(input_ids=ids, attention_mask=mask)
+        assert not compiled.uses_dynamo and dict(model.named_children()) == children
+        assert type(got.past_key_values) is type(expected.past_key_values)
+        for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # logits and every cached key and value
+        step = torch.randint(0, 128, (2, 1))
+        longer = torch.ones(2, 7, dtype=torch.long)
+        expected = model(input_ids=step, attention_mask=longer, past_key_values=expected.past_key_values)
+        got = compiled(input_ids=step, attention_mask=longer, past_key_values=got.past_key_values)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.zoo

@@ -89,28 +89,27 @@ def _build(name: str, seed: int):
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_model_through_both_entry_points_refit_state_dict_and_files(name, tmp_path):
-    make_inputs, has_cache = ZOO[name][1], ZOO[name][2]
+    make_inputs = ZOO[name][1]
     model = _build(name, 0)
     torch.manual_seed(1)
-    inputs = make_inputs(2)
+    inputs = make_inputs(2)  # default settings: decoders return their cache objects
     expected = model(**inputs)
-    _assert_equal_outputs(torch.compile(model, backend="torchtrt_ext")(**inputs), expected)  # default settings
+    _assert_equal_outputs(torch.compile(model, backend="torchtrt_ext")(**inputs), expected)
     torch._dynamo.reset()
     _assert_equal_outputs(torchtrt_ext.compile(model)(**inputs), expected)
     torch._dynamo.reset()
 
-    static = {**inputs, "use_cache": False} if has_cache else inputs  # the export path
-    compiled = torchtrt_ext.compile(model, example_kwargs=static)
-    assert not compiled.uses_dynamo
-    _assert_equal_outputs(compiled(**static), model(**static))
+    compiled = torchtrt_ext.compile(model, example_kwargs=inputs)
+    assert not compiled.uses_dynamo  # the export path, cache objects included (D1)
+    _assert_equal_outputs(compiled(**inputs), model(**inputs))
     assert len(compiled.variants) == 1  # the call compiled for is not compiled again (T5 did, D10)
     other = _build(name, 5)
     torchtrt_ext.refit(compiled, other.state_dict())
-    _assert_equal_outputs(compiled(**static), other(**static))
+    _assert_equal_outputs(compiled(**inputs), other(**inputs))
     third = _build(name, 6)
     compiled.load_state_dict(third.state_dict())
-    _assert_equal_outputs(compiled(**static), third(**static))
+    _assert_equal_outputs(compiled(**inputs), third(**inputs))
     torchtrt_ext.save(compiled, tmp_path / "model.ttx")
     loaded = torchtrt_ext.load(tmp_path / "model.ttx")
-    _assert_equal_outputs(loaded(**static), third(**static))
+    _assert_equal_outputs(loaded(**inputs), third(**inputs))
     assert len(compiled.variants) == len(loaded.variants) == 1

@@ -15,7 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._sympy.functions import FloorDiv
 
-from .errors import EngineFileError
+from . import trees
+from .errors import EngineFileError, TorchTRTExtError
 
 _VALUE_TYPES = (bool, int, float, str, type(None))  # non-tensor inputs a signature can write down
 
@@ -78,6 +79,10 @@ class InputSignature:
         """leaves: meta["val"] of each user-input placeholder (fake tensors, symbolic sizes, values)."""
         self.in_spec = in_spec
         self._leaves = [_leaf(v) for v in leaves]
+        if len(self._leaves) != in_spec.num_leaves:  # each flattened input has its placeholder
+            raise TorchTRTExtError(
+                f"internal error: the graph takes {len(self._leaves)} inputs for a call of {in_spec.num_leaves}"
+            )
         # symbol -> (lowest, highest or None when unbounded)
         self._ranges = {sym: (int(r.lower), _finite(r.upper)) for sym, r in range_constraints.items()}
 
@@ -128,10 +133,7 @@ class InputSignature:
         self = cls.__new__(cls)
         if not isinstance(data["in_spec"], str):
             raise _bad("the signature's in_spec", data["in_spec"], "a string")
-        try:
-            self.in_spec = pytree.treespec_loads(data["in_spec"])
-        except Exception as exc:  # pytree's own JSON reader: no code runs, but any error may come out
-            raise EngineFileError(f"the signature's in_spec {_short(data['in_spec'])} is not a tree spec ({exc})") from None
+        self.in_spec = trees.loads(data["in_spec"], "the signature's in_spec")
         if self.in_spec.num_leaves != len(leaves):
             raise EngineFileError(f"the signature's in_spec has {self.in_spec.num_leaves} leaves, its leaves list {len(leaves)}")
         self._leaves = [_leaf_from_json(leaf, symbols) for leaf in leaves]
@@ -177,6 +179,28 @@ class InputSignature:
             if not value.is_number or int(value) != size:
                 return f"input {i} dimension {d} is {size}, compiled for {expr}"
         return None
+
+    def varying_dims(self, spec: pytree.TreeSpec, flat: Sequence[Any]) -> list[set[int]] | None:
+        """For a call that differs from this signature in static sizes only: per flattened input, the
+        dimensions whose size differs (empty for non-tensors). None where anything else differs
+        (structure, a value, dtype, device, rank, layout)."""
+        if spec != self.in_spec or len(flat) != len(self._leaves):
+            return None
+        found: list[set[int]] = []
+        for expected, actual in zip(self._leaves, flat):
+            if not isinstance(expected, _TensorLeaf):
+                if type(actual) is not type(expected) or actual != expected:
+                    return None
+                found.append(set())
+                continue
+            if (
+                not isinstance(actual, torch.Tensor)
+                or (actual.dtype, actual.device, actual.dim()) != (expected.dtype, expected.device, len(expected.shape))
+                or (layout_of(actual) or "contiguous") != expected.layout
+            ):
+                return None
+            found.append({d for d, (size, want) in enumerate(zip(actual.shape, expected.shape)) if isinstance(want, int) and size != want})
+        return found
 
     def _tensor_mismatch(self, i, expected: _TensorLeaf, actual, bindings, deferred) -> str | None:
         if not isinstance(actual, torch.Tensor):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import logging
 
@@ -13,6 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
+from ..core import trees
 from ..core.errors import InputError, TorchTRTExtError
 from ..core.runtime import WeightWatch
 from ..core.settings import Settings
@@ -21,28 +22,82 @@ from ..operations.refit import weight_mismatch
 log = logging.getLogger("torchtrt_ext")
 
 
-def export(model: torch.nn.Module, args: tuple, kwargs: dict, settings: Settings) -> torch.export.ExportedProgram:
+def export(
+    model: torch.nn.Module, args: tuple, kwargs: dict, settings: Settings, vary: Sequence[set[int]] | None = None
+) -> torch.export.ExportedProgram:
     """torch.export of one call, under no_grad (engines only run inference): a forward decorated with
     @torch.no_grad (Hugging Face's rotary embeddings) is then traced inline instead of as a
     wrap_with_set_grad_enabled node, which AOTAutograd's cache refuses (an engine cache hit would then
     trace the graph again). Weight streaming captures on the model's device with static shapes;
-    otherwise dynamic_batch lets dimension 0 of every tensor input vary."""
-    with torch.no_grad():
+    otherwise dynamic_batch lets dimension 0 of every tensor input vary, and `vary` (per flattened
+    input of (args, kwargs)) names more dimensions that may: those in which calls were seen to differ.
+    Export keeps a dimension static where the code needs it (a size of 0 or 1, a size it branches on)."""
+    trees.register_model_types(model)
+    with torch.no_grad(), _quiet_capture():
         if settings.weight_streaming:
             home = next(itertools.chain(model.parameters(), model.buffers()), None)
             if home is not None:
                 args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(home.device), (args, kwargs))
             return torch.export.export(model, args, kwargs, strict=False)
-        dynamic = _batch_dynamic(model, args, kwargs) if settings.dynamic_batch else None
+        dims: dict[int, set[int]] = {}
+        for leaf, extra in zip(pytree.tree_leaves((args, kwargs)), vary or ()):
+            if isinstance(leaf, torch.Tensor) and extra:
+                dims[id(leaf)] = set(extra)
+        dynamic = _dynamic(model, args, kwargs, dims, settings.dynamic_batch) if settings.dynamic_batch or dims else None
         try:
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
         except AssertionError as exc:
             # torch.export cannot take dynamic shapes for keyword arguments that a **kwargs parameter
-            # gathers ("Must provide a tree_name"): such a call is captured with static shapes.
+            # gathers ("Must provide a tree_name"): such a call is captured through its flattened inputs.
             if dynamic is None or "tree_name" not in str(exc):
                 raise
-        log.info("torchtrt_ext: %s.forward takes **kwargs: captured with static shapes", type(model).__name__)
-        return torch.export.export(model, args, kwargs, strict=False)
+        log.info("torchtrt_ext: %s.forward takes **kwargs: captured through its flattened inputs", type(model).__name__)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        shapes = [_dynamic_dims(leaf, dims, settings.dynamic_batch) for leaf in leaves]
+        return torch.export.export(_FlatCall(model, spec), tuple(leaves), dynamic_shapes={"leaves": tuple(shapes)}, strict=False)
+
+
+class _FlatCall(torch.nn.Module):
+    """`model` called with its flattened inputs as positional arguments (export takes their dynamic
+    sizes there). It shares the model's parameters, buffers and submodules, so the captured graph
+    names every weight exactly as the model's state_dict does."""
+
+    def __init__(self, model: torch.nn.Module, spec: pytree.TreeSpec):
+        super().__init__()
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self._non_persistent_buffers_set = model._non_persistent_buffers_set
+        self._modules = model._modules
+        self.__dict__["_model"] = model
+        self.__dict__["_spec"] = spec
+
+    def forward(self, *leaves: Any) -> Any:
+        args, kwargs = pytree.tree_unflatten(list(leaves), self._spec)
+        return self._model(*args, **kwargs)
+
+
+def _dynamic_dims(value: Any, dims: dict[int, set[int]], batch_dim: bool) -> Any:
+    """One tensor input's dynamic dimensions for export: 0 with batch_dim, and dims[id(tensor)].
+    A size of 0 or 1 stays static (export would specialize it anyway, with a warning): a later call
+    of another size compiles that dimension as dynamic."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    marked = dims.get(id(value), set()) | ({0} if batch_dim and value.dim() > 0 else set())
+    return {d: torch.export.Dim.AUTO for d in sorted(marked) if value.shape[d] > 1} or None
+
+
+@contextlib.contextmanager
+def _quiet_capture() -> Iterator[None]:
+    """A failed capture raises (the wrapper then gives eager's own error or falls back); torch's fake
+    tensors also log that failure at error level with a traceback of torch's internals, which only
+    hides the real message from the user."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def avoid_fallback(exc: BaseException) -> str:
@@ -50,18 +105,29 @@ def avoid_fallback(exc: BaseException) -> str:
     text = str(exc)
     if "Cache" in text:
         return (
-            "The model takes or returns a transformers cache object (DynamicCache, EncoderDecoderCache), "
-            "which torch.export does not take: call it with use_cache=False to take the export path."
+            "The model takes or returns a cache object that is not a registered pytree node (transformers' "
+            "own caches are registered where transformers has exporters.exporter_dynamo): call it with "
+            "use_cache=False, or register the cache class with torch.utils._pytree.register_pytree_node."
         )
     return "Pass frontend='dynamo' to skip the export attempt, or make forward traceable (see the reason)."
 
 
-def _batch_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """dynamic_shapes marking dimension 0 of every tensor input, by forward's parameter names (keyword
-    arguments gathered by a **kwargs parameter nested under its name)."""
+def _dynamic(model: torch.nn.Module, args: tuple, kwargs: dict, dims: dict[int, set[int]], batch_dim: bool) -> Any:
+    """dynamic_shapes, by forward's parameter names (keyword arguments gathered by a **kwargs parameter
+    nested under its name): per tensor input, dimension 0 with batch_dim, and the dimensions in
+    dims[id(tensor)]."""
 
     def batch(value: Any) -> Any:
-        return pytree.tree_map(lambda leaf: {0: torch.export.Dim.AUTO} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None, value)
+        if isinstance(value, torch.Tensor):
+            return _dynamic_dims(value, dims, batch_dim)
+        if type(value) in (list, tuple):
+            return type(value)(batch(v) for v in value)
+        if type(value) is dict:
+            return {k: batch(v) for k, v in value.items()}
+        node = pytree.SUPPORTED_NODES.get(type(value))
+        if node is not None:  # another registered node (a transformers cache): export takes its children as a list
+            return [batch(child) for child in node.flatten_fn(value)[0]]
+        return None
 
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)

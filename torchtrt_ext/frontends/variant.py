@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
+from ..core import trees
 from ..core.signature import InputSignature
 from ..engines import Engine
 
@@ -65,7 +66,7 @@ class Variant:
                 "out_spec": pytree.treespec_dumps(self.out_spec),
             }
             InputSignature.from_json(binding["signature"])
-            pytree.treespec_loads(binding["out_spec"])
+            trees.loads(binding["out_spec"], "the out_spec")
         except Exception as exc:
             log.warning("torchtrt_ext: the compiled code is not kept in the engine file (%s)", first_line(exc))
             return None

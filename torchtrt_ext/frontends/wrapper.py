@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from ..core import lifting, registry
+from ..core import lifting, registry, trees
 from ..core.errors import EngineFileError, InputError, RefitError, TorchTRTExtError
 from ..core.settings import Settings
 from ..core.signature import InputSignature, dense
@@ -52,6 +52,9 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         self._variants: list[Variant] = []
         self._dynamo: Any = None
         self._forward_signature = inspect.signature(module.forward)
+        # transformers' cache objects flatten into their tensors from the first call on (every call's
+        # inputs are flattened before they are matched to a compiled signature)
+        trees.register_model_types(module)
         self.start_following(module)
         self._weights_missing = False  # loaded from a weight-stripped file, not refitted yet
         # Concurrent first calls of one signature: one compiles, the others wait and then use it.
@@ -259,7 +262,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
                 self._variants.append(variant)
                 return variant
         try:  # captured for dense inputs (a slice or transpose is copied: the code then takes any call)
-            ep = capture.export(self.original, *pytree.tree_map(dense, (args, kwargs)), self.settings)
+            ep = capture.export(self.original, *pytree.tree_map(dense, (args, kwargs)), self.settings, self._varying_dims(spec, flat))
         except Exception as exc:
             self._raise_as_eager(args, kwargs)  # an input eager rejects: eager's own error
             if self.settings.frontend == "export" or not first:
@@ -288,6 +291,18 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
             )
         self._variants.append(variant)
         return variant
+
+    def _varying_dims(self, spec: pytree.TreeSpec, flat: Sequence[Any]) -> list[set[int]] | None:
+        """Per flattened input, the dimensions in which this call differs from the compiled signatures
+        of the same structure: compiled as dynamic sizes this time (as dynamo does at a recompile), so
+        that a sequence that grows (a decode loop, a batch of another size) compiles once more, not at
+        every size."""
+        union: list[set[int]] | None = None
+        for variant in self._variants:
+            found = variant.signature.varying_dims(spec, flat)
+            if found is not None:
+                union = found if union is None else [a | b for a, b in zip(union, found)]
+        return union
 
     def _variant_from_export(
         self,
@@ -321,7 +336,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         artifact, binding = found
         try:
             signature = InputSignature.from_json(binding["signature"])
-            out_spec = pytree.treespec_loads(binding["out_spec"])
+            out_spec = trees.loads(binding["out_spec"], f"{contents.path}: the out_spec of graph {index}")
             if flat is None:  # loading a file: the signature tells the devices of the inputs
                 flat = signature.placeholders()
             else:

@@ -23,7 +23,7 @@ import sympy
 import torch
 from torch._guards import detect_fake_mode
 
-from ..core import engine_file
+from ..core import engine_file, trees
 from ..core.engine_file import Artifact, Blob, EngineFile, Header, TensorEntry, tensor_bytes
 from ..core.errors import EngineFileError, TorchTRTExtError
 from ..engines.tensorrt import tensorrt_version
@@ -181,10 +181,14 @@ class Contents:
         if index in self._programs:
             return self._programs[index]
         entry = self.header.programs[index]
+        blob = self._blobs[entry.name]
+        trees.prepare(bytes(blob))  # the model's cache classes, where its specs name them
         try:
-            ep = torch.export.load(io.BytesIO(self._blobs[entry.name]))
+            ep = torch.export.load(io.BytesIO(blob))
         except Exception as exc:
             raise EngineFileError(f"{self.path}: {entry.name} could not be read ({exc})") from None
+        for name, spec in (("inputs", ep.call_spec.in_spec), ("outputs", ep.call_spec.out_spec)):
+            trees.check(spec, f"{self.path}: the {name} of {entry.name}")
         ep._state_dict = {k: _as_saved(v, self.values[k]) for k, v in ep.state_dict.items()}
         ep._constants = {k: self.values.get(k, v) for k, v in ep.constants.items()}
         _drop_expression_hints(ep)
