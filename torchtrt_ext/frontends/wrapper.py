@@ -50,6 +50,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         self.__dict__["_original"] = module  # not a submodule: state_dict names stay the original's
         self.settings = settings
         self._variants: list[Variant] = []
+        self._last_hit: Variant | None = None
         self._dynamo: Any = None
         self._forward_signature = inspect.signature(module.forward)
         # transformers' cache objects flatten into their tensors from the first call on (every call's
@@ -156,8 +157,12 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
             return self._dynamo(*args, **kwargs)
         args, kwargs = self._normalize(args, kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
+        last = self._last_hit  # a decode loop calls one variant again and again: checked first
+        if last is not None and last.signature.mismatch(spec, flat) is None:
+            return last(flat)
         for variant in self._variants:
-            if variant.signature.mismatch(spec, flat) is None:
+            if variant is not last and variant.signature.mismatch(spec, flat) is None:
+                self._last_hit = variant
                 return variant(flat)
         with self._compile_lock:  # one compile per signature; threads that waited use its result
             for variant in self._variants:
@@ -191,6 +196,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         log.info("torchtrt_ext: %s: %s; its engines are compiled again at the next call", type(self.original).__name__, why)
         with self._compile_lock:  # a compile in flight (for the old weights) finishes first
             self._variants.clear()
+            self._last_hit = None
         self._trainable = list(self.original.parameters())
 
     def _eager_reason(self, args: tuple, kwargs: dict) -> str | None:
