@@ -170,7 +170,7 @@ class _Counting(torch.nn.Module):
 
 
 def test_in_place_updates_of_buffers_and_inputs_match_eager():
-    model, twin = _Counting(), _Counting()
+    model, twin = _Counting().eval(), _Counting().eval()  # eval: the engines run (training mode runs the model)
     twin.load_state_dict(model.state_dict())
     x = torch.randn(4, 8)
     compiled = torchtrt_ext.compile(model, (x, torch.randn(4, 8)))
@@ -182,6 +182,25 @@ def test_in_place_updates_of_buffers_and_inputs_match_eager():
             torch.testing.assert_close(acc, acc_twin)
     assert float(model.calls) == 3  # export traced with fake tensors: the real buffers untouched
     torch.testing.assert_close(model.total, twin.total)
+
+
+def test_the_engine_writes_inputs_in_place_itself_even_through_a_conformed_copy():
+    """A graph that writes a caller input (a KV cache) writes it in the compiled code: the wrapper
+    copies nothing back, except where the input was not dense and the code ran on a dense copy."""
+    model, twin = _Counting().eval(), _Counting().eval()
+    twin.load_state_dict(model.state_dict())
+    compiled = torchtrt_ext.compile(model, (torch.randn(4, 8), torch.randn(4, 8)))
+    with torch.no_grad():
+        for dense_acc in (True, False, True):
+            x = torch.randn(4, 8)
+            acc = torch.randn(4, 8) if dense_acc else torch.randn(8, 4).t()  # a transposed view
+            acc_twin, address = acc.clone(), acc.data_ptr()
+            zoo.assert_matches(compiled(x, acc), twin(x, acc_twin), torch.float32)
+            torch.testing.assert_close(acc, acc_twin)
+            assert acc.data_ptr() == address
+    variant = compiled.variants[0]
+    assert len(compiled.variants) == 1 and variant.writes == (1,)
+    assert not any(isinstance(u, int) for u in variant.updates)  # acc is the engine's to write
 
 
 def test_not_a_module_is_refused():

@@ -236,3 +236,56 @@ def _merge_tied(lifted: LiftedGraph) -> LiftedGraph:
         weights,
         [new_index[i] for i in lifted.input_positions],
     )
+
+
+def write_inputs_in_graph(lifted: LiftedGraph, updates: Sequence[str | int]) -> tuple[list[str | int], list[int]]:
+    """The graph's first outputs are the new values of what it writes (`updates`: a buffer's name, or
+    a caller input's index, as capture.updates lists them). Writes into caller inputs (a KV cache
+    updated in place) become part of the graph: a copy_ into the input's placeholder, which Inductor
+    makes a write into the caller's own memory (an index_copy into the cache, not a new cache and a
+    copy of it). Returns the updates left for the caller to apply (buffers), in output order, and the
+    caller inputs the graph now writes itself."""
+    gm = lifted.gm
+    if gm is None or not any(isinstance(u, int) for u in updates):
+        return list(updates), []
+    nodes = _placeholders(gm)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    values = list(output.args[0])
+    kept_updates: list[str | int] = []
+    kept_values: list[Any] = []
+    with gm.graph.inserting_before(output):
+        for target, value in zip(updates, values):
+            if isinstance(target, int):
+                gm.graph.call_function(torch.ops.aten.copy_.default, (nodes[lifted.input_positions[target]], value))
+            else:
+                kept_updates.append(target)
+                kept_values.append(value)
+    output.args = (kept_values + values[len(updates):],)
+    gm.graph.lint()
+    gm.recompile()
+    return kept_updates, [u for u in updates if isinstance(u, int)]
+
+
+def written_inputs(lifted: LiftedGraph) -> list[int]:
+    """The caller inputs (by call position) whose memory the graph writes in place, directly or
+    through a view: export keeps a forward's in-place ops (a KV cache's index_copy_) in its graph,
+    and the compiled code then writes the caller's tensor itself."""
+    gm = lifted.gm
+    if gm is None:
+        return []
+    nodes = _placeholders(gm)
+    owner: dict[torch.fx.Node, int] = {nodes[p]: i for i, p in enumerate(lifted.input_positions)}
+    written: set[int] = set()
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        aliased = None
+        for argument, value in zip(schema.arguments, node.args):
+            if isinstance(value, torch.fx.Node) and value in owner and argument.alias_info is not None:
+                if argument.alias_info.is_write:
+                    written.add(owner[value])
+                aliased = owner[value]  # a view or an in-place result aliases its input
+        if aliased is not None and any(r.alias_info is not None for r in schema.returns):
+            owner[node] = aliased
+    return sorted(written)

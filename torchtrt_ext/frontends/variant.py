@@ -28,11 +28,15 @@ class Variant:
         out_spec: pytree.TreeSpec,
         updates: Sequence[torch.Tensor | int],
         description: dict,
+        writes: Sequence[int] = (),
     ):
         self.engine = engine
         self.signature = signature
         self.out_spec = out_spec
         self.updates = list(updates)  # per leading graph output: a model buffer, or a caller-input index
+        # caller inputs the compiled code writes itself (a KV cache): where a call's input is not in the
+        # layout compiled for, the code writes a conformed copy, whose values go back to the input
+        self.writes = tuple(writes)
         # JSON: where the weights and inputs go (LiftedGraph.describe) and what the updates are (a
         # buffer's name, or a caller-input index): with the signature and out_spec, all that binds the
         # engine's compiled code to a model again (binding()).
@@ -73,13 +77,31 @@ class Variant:
         return binding
 
     def __call__(self, flat: Sequence[Any]) -> Any:
-        outputs = self.engine(*self.signature.conform(flat))
+        conformed = self.signature.conform(flat)
+        outputs = self.engine(*conformed)
+        if conformed is not flat:
+            for i in self.writes:
+                if conformed[i] is not flat[i]:
+                    with torch.no_grad():
+                        flat[i].copy_(conformed[i])
         if self.updates:
             with torch.no_grad():
                 for target, value in zip(self.updates, outputs):
                     (flat[target] if isinstance(target, int) else target).copy_(value)
             outputs = outputs[len(self.updates) :]
         return pytree.tree_unflatten(outputs, self.out_spec)
+
+
+def varying_dims(variants: Sequence[Variant], spec: pytree.TreeSpec, flat: Sequence[Any]) -> list[set[int]] | None:
+    """Per flattened input, the dimensions in which a call differs from the compiled signatures of the
+    same structure: compiled as dynamic sizes the next time (as dynamo does at a recompile), so that a
+    sequence that grows (a decode loop, a batch of another size) compiles once more, not at every size."""
+    union: list[set[int]] | None = None
+    for variant in variants:
+        found = variant.signature.varying_dims(spec, flat)
+        if found is not None:
+            union = found if union is None else [a | b for a, b in zip(union, found)]
+    return union
 
 
 def first_line(exc: BaseException) -> str:

@@ -31,7 +31,7 @@ from ..operations.program import CompiledProgram
 from . import capture, routing
 from .backend import torchtrt_ext_backend
 from .following import FollowsWeights
-from .variant import Variant, first_line
+from .variant import Variant, first_line, varying_dims
 
 log = logging.getLogger("torchtrt_ext")
 
@@ -268,7 +268,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
                 self._variants.append(variant)
                 return variant
         try:  # captured for dense inputs (a slice or transpose is copied: the code then takes any call)
-            ep = capture.export(self.original, *pytree.tree_map(dense, (args, kwargs)), self.settings, self._varying_dims(spec, flat))
+            ep = capture.export(self.original, *pytree.tree_map(dense, (args, kwargs)), self.settings, varying_dims(self._variants, spec, flat))
         except Exception as exc:
             self._raise_as_eager(args, kwargs)  # an input eager rejects: eager's own error
             if self.settings.frontend == "export" or not first:
@@ -297,18 +297,6 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
             )
         self._variants.append(variant)
         return variant
-
-    def _varying_dims(self, spec: pytree.TreeSpec, flat: Sequence[Any]) -> list[set[int]] | None:
-        """Per flattened input, the dimensions in which this call differs from the compiled signatures
-        of the same structure: compiled as dynamic sizes this time (as dynamo does at a recompile), so
-        that a sequence that grows (a decode loop, a batch of another size) compiles once more, not at
-        every size."""
-        union: list[set[int]] | None = None
-        for variant in self._variants:
-            found = variant.signature.varying_dims(spec, flat)
-            if found is not None:
-                union = found if union is None else [a | b for a, b in zip(union, found)]
-        return union
 
     def _variant_from_export(
         self,
@@ -351,12 +339,15 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
                     raise EngineFileError(f"compiled for other inputs ({problem})")
             lifted = lifting.bind(binding["lifted"], {**contents.values, **self._own_tensors()}, flat)
             updates = [u if isinstance(u, int) else str(u) for u in binding["updates"]]
+            writes = [int(i) for i in binding.get("writes", [])]  # caller inputs the compiled code writes
+            if any(not 0 <= i < len(flat) for i in writes):
+                raise ValueError(f"writes {writes} outside the {len(flat)} inputs")
             for u in updates:
                 if isinstance(u, str):
                     self.original.get_buffer(u)  # the model has it
         except (KeyError, TypeError, ValueError, AttributeError, TorchTRTExtError) as exc:
             raise EngineFileError(f"{contents.path}: the binding of graph {index} does not fit ({first_line(exc)})") from None
-        variant = self._make_variant(lifted, signature, out_spec, updates, artifact=artifact)
+        variant = self._make_variant(lifted, signature, out_spec, updates, artifact=artifact, writes=writes)
         variant.read_exported = functools.partial(contents.program, index)
         return variant
 
@@ -368,11 +359,16 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         updates: Sequence[str | int],
         artifact: bytes | None = None,
         keep_artifact: bool = False,
+        writes: Sequence[int] = (),
     ) -> Variant:
+        if not self.settings.weight_streaming:  # caller inputs the graph writes: written by the engine itself
+            updates, new_writes = lifting.write_inputs_in_graph(lifted, updates)
+            writes = sorted({*writes, *new_writes, *lifting.written_inputs(lifted)})
         engine = build_engine(lifted, self.settings, artifact, keep_artifact)
         registry.add(engine, [w.tensor for w in lifted.weights])
         resolved = [self.original.get_buffer(u) if isinstance(u, str) else int(u) for u in updates]
-        return Variant(engine, signature, out_spec, resolved, {"lifted": lifted.describe(), "updates": list(updates)})
+        description = {"lifted": lifted.describe(), "updates": list(updates), "writes": list(writes)}
+        return Variant(engine, signature, out_spec, resolved, description, writes)
 
     def _own_tensors(self) -> dict[str, torch.Tensor]:
         """The model's parameters and buffers by every name (tied ones under each)."""
