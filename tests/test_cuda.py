@@ -88,3 +88,57 @@ def test_cpu_input_to_cuda_engine_is_a_clear_error():
         engine = torchtrt_ext.engines_of(model)[0]
         with pytest.raises(torchtrt_ext.InputError, match=r"input 0 is on cpu but the engine runs on cuda:0"):
             engine(torch.randn(2, 32))
+
+
+class _Accumulates(torch.nn.Module):
+    """Writes its second input in place, as a KV cache update does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 64)
+
+    def forward(self, x, acc):
+        y = self.fc(x)
+        acc.mul_(0.5).add_(y)
+        return y.relu()
+
+
+@pytest.mark.parametrize("entry", ["backend", "wrapper"])
+def test_cuda_graphs_requested_for_a_graph_that_writes_its_inputs_keep_the_writes(entry):
+    """The runtime's graphs replay on copies of the inputs: an engine whose code writes its inputs runs
+    without graphs (with a warning) rather than lose the writes."""
+    torch.manual_seed(0)
+    model = _Accumulates().cuda().eval()
+    if entry == "backend":
+        compiled = torch.compile(model, backend="torchtrt_ext", options={"cuda_graphs": True}, dynamic=False)
+    else:
+        compiled = torchtrt_ext.compile(model, cuda_graphs=True, dynamic_batch=False)
+    with torch.no_grad():
+        for _ in range(4):
+            x, acc = torch.randn(8, 64, device="cuda"), torch.randn(8, 64, device="cuda")
+            expected_acc = acc.clone()
+            expected = model(x, expected_acc)
+            zoo.assert_matches(compiled(x, acc), expected, torch.float32)
+            torch.testing.assert_close(acc, expected_acc, rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_generate_with_cuda_graphs_equals_eager_on_both_routes():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).cuda().eval()  # fp32: greedy tokens compared exactly
+    ids = torch.randint(1, 128, (2, 9), device="cuda")
+    mask = torch.ones(2, 9, dtype=torch.long, device="cuda")
+    mask[1, :4] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    greedy = dict(max_new_tokens=16, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, **greedy).tolist()
+        wrapped = torchtrt_ext.compile(model, cuda_graphs=True)
+        assert wrapped.generate(ids, attention_mask=mask, **greedy).tolist() == expected
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, backend="torchtrt_ext", options={"cuda_graphs": True})
+        assert model.generate(ids, attention_mask=mask, **greedy).tolist() == expected

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 from ..core.errors import EngineUnavailableError, TorchTRTExtError
+from ..core import lifting
 from ..core.lifting import LiftedGraph
 from ..core.settings import Settings
 from . import tensorrt
@@ -56,10 +58,20 @@ def build_engine(
     artifact: bytes | None = None,
     keep_artifact: bool = False,
     like: Engine | None = None,
+    writes: Sequence[int] = (),
 ) -> Engine:
     """artifact / keep_artifact: see BuiltinEngine (the engine cache's compiled code, saved whole).
     like: an engine of the same graph; the new one computes with lifted's weights, sharing the compiled
-    code where the engine kind can (a resident built-in engine), else compiled anew."""
+    code where the engine kind can (a resident built-in engine), else compiled anew. writes: the inputs
+    the compiled code writes in place, where the graph is not at hand (compiled code alone)."""
+    if settings.cuda_graphs and (writes or lifting.written_inputs(lifted)):
+        # The runtime's graphs replay on copies of the inputs (their static inputs): writes into the
+        # caller's tensors (a KV cache) would be lost. Such an engine runs without CUDA graphs.
+        log.warning(
+            "torchtrt_ext: cuda_graphs=True: this graph writes some of its inputs in place (a KV cache, say), "
+            "which the runtime's CUDA graphs cannot pass back to the caller; it runs without CUDA graphs"
+        )
+        settings = settings.replace(cuda_graphs=False)
     kind = resolve_kind(settings)
     if kind == "builtin" and settings.weight_streaming:
         if artifact is not None or keep_artifact:

@@ -364,7 +364,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         if not self.settings.weight_streaming:  # caller inputs the graph writes: written by the engine itself
             updates, new_writes = lifting.write_inputs_in_graph(lifted, updates)
             writes = sorted({*writes, *new_writes, *lifting.written_inputs(lifted)})
-        engine = build_engine(lifted, self.settings, artifact, keep_artifact)
+        engine = build_engine(lifted, self.settings, artifact, keep_artifact, writes=writes)
         registry.add(engine, [w.tensor for w in lifted.weights])
         resolved = [self.original.get_buffer(u) if isinstance(u, str) else int(u) for u in updates]
         description = {"lifted": lifted.describe(), "updates": list(updates), "writes": list(writes)}
