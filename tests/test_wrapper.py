@@ -86,7 +86,7 @@ def test_new_shapes_compile_variants_up_to_the_limit():
         assert len(compiled.variants) == 2
         with pytest.raises(InputError) as e:
             compiled(torch.randn(2, 3, 24, 24).to(memory_format=torch.channels_last))
-    assert "fits none of the 2 compiled input signatures (against the first: input 0 is channels_last, compiled for contiguous)" in str(e.value)
+    assert "fits none of the 2 compiled input signatures (against the first: input x is channels_last, compiled for contiguous)" in str(e.value)
     assert "max_variants=2 is reached" in str(e.value)
 
 

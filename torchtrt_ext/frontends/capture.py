@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import re
 from typing import Any, Iterator, Sequence
 
 import logging
@@ -187,6 +188,19 @@ def check_devices(model: torch.nn.Module, args: tuple, kwargs: dict, signature: 
                 f"input {input_name(path, signature)} is on {leaf.device} but the model's weights are on "
                 f"{weight.device}; move it with .to('{weight.device}')"
             )
+
+
+def name_inputs(text: str | None, args: tuple, kwargs: dict, signature: inspect.Signature) -> str | None:
+    """A signature's message with each flattened input ("input 3") named as the caller wrote it."""
+    if text is None:
+        return None
+    paths = [path for path, _ in pytree.tree_flatten_with_path((args, kwargs))[0]]
+
+    def name(match: re.Match) -> str:
+        index = int(match.group(1))
+        return f"input {input_name(paths[index], signature)}" if index < len(paths) else match.group(0)
+
+    return re.sub(r"\binput (\d+)\b", name, text)
 
 
 def input_name(path: tuple, signature: inspect.Signature) -> str:

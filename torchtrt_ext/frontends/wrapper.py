@@ -249,7 +249,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         if not self.settings.weight_streaming:  # streaming: the inputs give the device, the model may stay on the host
             capture.check_devices(self.original, args, kwargs, self._forward_signature)
         if len(self._variants) >= self.settings.max_variants:
-            reason = self._variants[0].signature.mismatch(spec, flat)
+            reason = capture.name_inputs(self._variants[0].signature.mismatch(spec, flat), args, kwargs, self._forward_signature)
             raise InputError(
                 f"this call fits none of the {len(self._variants)} compiled input signatures (against the "
                 f"first: {reason}) and max_variants={self.settings.max_variants} is reached; raise "
