@@ -13,7 +13,9 @@ Layers, each importing only from those below it (checked by import-linter, pypro
 from __future__ import annotations
 
 from .core import runtime as _runtime  # noqa: F401  (fails loudly when the C++ runtime is missing)
+from .core.calibration import CalibrationCache
 from .core.errors import (
+    CalibrationError,
     EngineFileError,
     EngineUnavailableError,
     InputError,
@@ -34,6 +36,8 @@ from .operations.refit import RefitReport, refit
 from .operations.weight_streaming import WeightStreaming, weight_streaming
 
 __all__ = [
+    "CalibrationCache",
+    "CalibrationError",
     "BACKEND_NAME",
     "CompiledModule",
     "Engine",

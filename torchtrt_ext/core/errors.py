@@ -34,3 +34,8 @@ class WeightFileError(TorchTRTExtError, ValueError):
 class EngineFileError(TorchTRTExtError, ValueError):
     """An engine file is missing, truncated, corrupt, of another format version or for another device;
     nothing was loaded from it."""
+
+
+class CalibrationError(TorchTRTExtError, ValueError):
+    """A calibration cache is malformed, of another schema version or model, has a non-finite or
+    non-positive amax, or misses a tensor the engine quantizes; the message names which."""

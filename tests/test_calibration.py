@@ -1,0 +1,140 @@
+"""Calibration cache files: exact round trips in torchtrt_ext's format and TensorRT's, every malformed
+line refused with its number, and a missing entry refused by name."""
+
+import math
+import random
+import struct
+
+import pytest
+
+from torchtrt_ext import CalibrationCache, CalibrationError
+
+NAMES = ["layers.0.self_attn.q_proj:input", "lm_head:input", "(Unnamed Layer* 64) [Shuffle]_output", "a: b:input", "conv 1:input"]
+
+
+def _cache(seed: int = 0) -> CalibrationCache:
+    rng = random.Random(seed)
+    values = [rng.uniform(1e-6, 1e4) for _ in NAMES[:-1]] + [5e-324 * 2**60]  # a tiny subnormal-ish amax too
+    return CalibrationCache(dict(zip(NAMES, values)), "entropy", "9f8e7d", 32, "c0ffee")
+
+
+def test_torchtrt_ext_format_round_trips_every_value_exactly(tmp_path):
+    cache = _cache()
+    cache.save(tmp_path / "cache.txt")
+    loaded = CalibrationCache.load(tmp_path / "cache.txt")
+    assert loaded == cache
+    for name in NAMES:
+        assert loaded.amax(name).hex() == cache.amax(name).hex()
+    assert loaded.dumps() == cache.dumps() == (tmp_path / "cache.txt").read_text()
+    assert (loaded.method, loaded.model_fingerprint, loaded.batches, loaded.batches_hash) == ("entropy", "9f8e7d", 32, "c0ffee")
+
+
+def test_tensorrt_format_keeps_the_scale_bits_and_maps_names(tmp_path):
+    with pytest.raises(CalibrationError, match="'conv 1:input' has amax .* float32: TensorRT's format cannot hold it"):
+        _cache().dumps("tensorrt")  # its tiny amax has no float32 scale
+    cache = CalibrationCache({**_cache().entries, "conv 1:input": 0.5}, "entropy")
+    ours_to_trt = {n: f"(Unnamed Layer* {i}) [Shuffle]_output" for i, n in enumerate(NAMES)}
+    cache.save(tmp_path / "trt.cache", format="tensorrt", names=ours_to_trt)
+    text = (tmp_path / "trt.cache").read_text()
+    assert text.splitlines()[0] == "TRT-8601-EntropyCalibration2"
+    loaded = CalibrationCache.load(tmp_path / "trt.cache", names={v: k for k, v in ours_to_trt.items()})
+    assert loaded.names() == cache.names() and loaded.method == "entropy"
+    for name in NAMES:
+        scale = struct.unpack(">f", struct.pack(">f", cache.amax(name) / 127))[0]  # float32, as TensorRT keeps it
+        assert loaded.amax(name) == scale * 127
+    assert loaded.dumps("tensorrt", ours_to_trt) == text  # and the text round-trips exactly
+
+
+def test_a_tensorrt_cache_as_tensorrt_writes_it_reads_back_bit_for_bit():
+    text = "TRT-8601-EntropyCalibration2\ninput_0: 3c010a14\n(Unnamed Layer* 64) [Shuffle]_output: 3d1e0d62\nout: 3f800000\n"
+    cache = CalibrationCache.loads(text)
+    assert cache.amax("out") == 127.0  # scale 1.0
+    assert cache.dumps("tensorrt") == "TRT-8601-EntropyCalibration2\n" + "".join(sorted(text.splitlines(True)[1:]))
+
+
+def test_crlf_line_ends_and_trailing_newlines_read_the_same():
+    text = _cache().dumps()
+    assert CalibrationCache.loads(text.replace("\n", "\r\n") + "\r\n\n") == _cache()
+
+
+def _broken(text: str, line: int, new: str | None) -> str:
+    lines = text.split("\n")
+    if new is None:
+        del lines[line - 1]
+    else:
+        lines[line - 1] = new
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "line, new, message",
+    [
+        (1, "torchtrt_ext calibration cache 2", "line 1: schema version 2, but this torchtrt_ext reads version 1"),
+        (1, "some other file", "line 1: not a calibration cache"),
+        (2, "method: minmax", "line 2: unknown method 'minmax'"),
+        (3, "modle: 9f8e7d", "line 3: expected 'model: ...'"),
+        (4, "batches: many c0ffee", "line 4: expected 'batches: <count> <hash>'"),
+        (5, "entries: 9", "the header says 9 entries, the file has 5"),
+        (7, "0x1.8p+3", "line 7: expected '<amax as a hex float> <name>'"),
+        (7, "0x1.8q+3 lm_head:input", "line 7: expected '<amax as a hex float> <name>'"),
+        (7, "12.5 lm_head:input", "line 7: expected '<amax as a hex float> <name>'"),
+        (7, "inf lm_head:input", "line 7: 'lm_head:input' has amax inf; an amax must be a finite float above 0"),
+        (8, "nan conv 1:input", "line 8: 'conv 1:input' has amax nan"),
+        (8, "-0x1.0p+0 conv 1:input", "line 8: 'conv 1:input' has amax -1.0"),
+        (8, "0x0.0p+0 conv 1:input", "line 8: 'conv 1:input' has amax 0.0"),
+        (9, "0x1.0p+0 a: b:input", "line 9: 'a: b:input' appears twice"),
+        (7, "", "line 7: a blank line before the end of the file"),
+        (7, "0x1.0p+0 lm\rhead", "line 7: a carriage return inside the line"),
+    ],
+)
+def test_malformed_lines_are_refused_with_their_number(line, new, message):
+    text = _cache().dumps()
+    with pytest.raises(CalibrationError, match="^<text>: " + _escaped(message)):
+        CalibrationCache.loads(_broken(text, line, new))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("TRT-8601\nx: 3c010a14\n", "line 1: expected 'TRT-<version>-<algorithm>'"),
+        ("TRT-8601-EntropyCalibration2\nx 3c010a14\n", "line 2: expected '<tensor name>: <8 hex digits>'"),
+        ("TRT-8601-EntropyCalibration2\nx: 3c01zz14\n", "line 2: expected '<tensor name>: <8 hex digits>'"),
+        ("TRT-8601-EntropyCalibration2\nx: 3c010a14\ny: 7f800000\n", "line 3: 'y' has amax inf"),
+        ("TRT-8601-EntropyCalibration2\nx: 3c010a14\nx: 3c010a14\n", "line 3: 'x' appears twice"),
+        ("TRT-8601-EntropyCalibration2\nx: 00000000\n", "line 2: 'x' has amax 0.0"),
+        ("", "empty"),
+    ],
+)
+def test_malformed_tensorrt_caches_are_refused_with_their_number(text, message):
+    with pytest.raises(CalibrationError, match="^<text>: " + _escaped(message)):
+        CalibrationCache.loads(text)
+
+
+def _escaped(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_a_dropped_entry_is_refused_by_name():
+    cache = _cache().drop("lm_head:input")
+    assert "lm_head:input" not in cache.names() and len(cache.names()) == len(NAMES) - 1
+    with pytest.raises(CalibrationError, match=r"no amax for 1 tensor\(s\) the engine quantizes: 'lm_head:input'"):
+        cache.require(NAMES)
+    with pytest.raises(CalibrationError, match="has no entry 'lm_head:input'"):
+        cache.amax("lm_head:input")
+    cache.require(NAMES[:1])  # what it has passes
+
+
+def test_diff_lists_changed_and_one_sided_names():
+    a, b = _cache(0), _cache(1).drop("conv 1:input")
+    diff = a.diff(b)
+    assert set(diff) == set(NAMES)
+    assert diff["conv 1:input"] == (a.amax("conv 1:input"), None)
+    assert a.diff(_cache(0)) == {}
+
+
+@pytest.mark.parametrize("amax", [math.inf, -1.0, 0.0, math.nan])
+def test_a_cache_with_a_bad_amax_cannot_be_made(amax):
+    with pytest.raises(CalibrationError, match="an amax must be a finite float above 0"):
+        CalibrationCache({"x:input": amax})
