@@ -64,7 +64,7 @@ setup(
     description="Stream-safe, refittable, weight-streaming inference engines for PyTorch",
     python_requires=">=3.11",
     packages=find_packages(include=["torchtrt_ext", "torchtrt_ext.*"]),
-    install_requires=["torch>=2.11", "safetensors>=0.4", "numpy"],  # numpy: torch warns at import without it
+    install_requires=["torch>=2.11", "safetensors>=0.4", "numpy", "tqdm>=4"],  # numpy: torch warns at import without it
     extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "safetensors>=0.4", "numpy", "import-linter>=2", "transformers>=5.17", "peft>=0.13"]},  # safetensors writes through numpy
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -138,3 +138,69 @@ def test_diff_lists_changed_and_one_sided_names():
 def test_a_cache_with_a_bad_amax_cannot_be_made(amax):
     with pytest.raises(CalibrationError, match="an amax must be a finite float above 0"):
         CalibrationCache({"x:input": amax})
+
+
+# --- calibrate(): ranges recorded at every quantizable layer's input ---------------------------------
+
+import torch  # noqa: E402
+
+import torchtrt_ext  # noqa: E402
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8, 4)
+        self.head = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+    def forward(self, x, scale=1.0):
+        y = self.conv(x).mean((2, 3))
+        return self.head(self.fc(y * scale))
+
+
+def _batches(n=6, shape=(2, 3, 8, 8)):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(*shape, generator=g) * (i + 1),) for i in range(n)]
+
+
+def test_max_calibration_records_every_layers_input_amax_as_eager_sees_it():
+    model = _Net()
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, max(seen.get(n, 0.0), float(a[0].abs().max()))))
+             for n, m in (("conv", model.conv), ("fc", model.fc), ("head.1", model.head[1]))]
+    with torch.no_grad():
+        for (x,) in _batches():
+            model(x)
+    for h in hooks:
+        h.remove()
+    cache = torchtrt_ext.calibrate(model, _batches(), progress=False)
+    assert cache.names() == ["conv:input", "fc:input", "head.1:input"]
+    for name, amax in seen.items():
+        assert cache.amax(f"{name}:input") == amax
+    assert cache.batches == 6 and cache.method == "max" and model.training  # the model's mode is restored
+    assert cache.model_fingerprint == torchtrt_ext.calibrate(_Net(), _batches(2), progress=False).model_fingerprint
+    assert cache.batches_hash != torchtrt_ext.calibrate(model, _batches(5), progress=False).batches_hash
+
+
+def test_percentile_and_entropy_clip_below_the_max_and_keep_dicts_of_kwargs():
+    model = _Net()
+    batches = [{"x": x, "scale": 2.0} for (x,) in _batches(shape=(8, 3, 32, 32))]  # 147k samples
+    by_method = {m: torchtrt_ext.calibrate(model, batches, method=m, progress=False) for m in ("max", "percentile", "entropy")}
+    for name in by_method["max"].names():
+        top = by_method["max"].amax(name)
+        assert 0 < by_method["percentile"].amax(name) <= top
+        assert 0 < by_method["entropy"].amax(name) <= top
+    # over 147k samples, the 99.99th percentile leaves the top 15 out: below the max
+    assert by_method["percentile"].amax("conv:input") < by_method["max"].amax("conv:input")
+
+
+def test_an_empty_set_or_an_unreached_layer_is_refused():
+    with pytest.raises(CalibrationError, match="the calibration set is empty"):
+        torchtrt_ext.calibrate(_Net(), [], progress=False)
+    model = _Net()
+    model.forward = lambda x: model.fc(model.conv(x).mean((2, 3)))  # head.1 never runs
+    with pytest.raises(CalibrationError, match=r"1 quantizable layer\(s\) saw no input or only zeros in 6 batches, so they have no range: head.1"):
+        torchtrt_ext.calibrate(model, _batches(), progress=False)
+    with pytest.raises(CalibrationError, match="unknown calibration method 'kl'"):
+        torchtrt_ext.calibrate(_Net(), _batches(), method="kl")

@@ -31,11 +31,13 @@ from .engines import Engine, MemoryUse
 from .frontends.backend import BACKEND_NAME, register as _register_backend, torchtrt_ext_backend
 from .frontends.loading import load
 from .frontends.wrapper import CompiledModule, compile
+from .operations.calibrate import calibrate
 from .operations.files import inspect as inspect_file, save
 from .operations.refit import RefitReport, refit
 from .operations.weight_streaming import WeightStreaming, weight_streaming
 
 __all__ = [
+    "calibrate",
     "CalibrationCache",
     "CalibrationError",
     "BACKEND_NAME",
