@@ -204,3 +204,38 @@ def test_an_empty_set_or_an_unreached_layer_is_refused():
         torchtrt_ext.calibrate(model, _batches(), progress=False)
     with pytest.raises(CalibrationError, match="unknown calibration method 'kl'"):
         torchtrt_ext.calibrate(_Net(), _batches(), method="kl")
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+from torchtrt_ext import cli  # noqa: E402
+
+
+def build_net():  # the --model factory the CLI test names
+    torch.manual_seed(0)
+    return _Net()
+
+
+def build_other():
+    return torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+
+def test_calib_command_shows_diffs_converts_and_validates(tmp_path, capsys):
+    cache = torchtrt_ext.calibrate(build_net(), _batches(), progress=False)
+    cache.save(tmp_path / "a.txt")
+    assert cli.main(["calib", "show", str(tmp_path / "a.txt")]) == 0
+    shown = capsys.readouterr().out
+    assert "3 entries, method max" in shown and repr(cache.amax("fc:input")) in shown
+    assert cli.main(["calib", "convert", str(tmp_path / "a.txt"), str(tmp_path / "a.trt"), "--to", "tensorrt"]) == 0
+    assert (tmp_path / "a.trt").read_text() == cache.dumps("tensorrt")
+    cache.drop("fc:input").save(tmp_path / "b.txt")
+    assert cli.main(["calib", "diff", str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]) == 1
+    assert f"fc:input: {cache.amax('fc:input')!r} -> None" in capsys.readouterr().out
+    assert cli.main(["calib", "validate", str(tmp_path / "a.txt"), "--model", "tests.test_calibration:build_net"]) == 0
+    assert cli.main(["calib", "validate", str(tmp_path / "b.txt"), "--model", "tests.test_calibration:build_net"]) == 1
+    assert "no amax for 1 tensor(s) the engine quantizes: 'fc:input'" in capsys.readouterr().err
+    assert cli.main(["calib", "validate", str(tmp_path / "a.txt"), "--model", "tests.test_calibration:build_other"]) == 1
+    assert "the cache was calibrated on another model" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_text(cache.dumps().replace("entries: 3", "entries: three"))
+    assert cli.main(["calib", "show", str(tmp_path / "bad.txt")]) == 1
+    assert "line 5: the entry count 'three' is not a number" in capsys.readouterr().err
