@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import itertools
 import re
+import threading
 from typing import Any, Iterator, Sequence
 
 import logging
@@ -93,12 +94,22 @@ def _quiet_capture() -> Iterator[None]:
     tensors also log that failure at error level with a traceback of torch's internals, which only
     hides the real message from the user."""
     logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    with _quiet_lock:  # captures on several threads: the first sets the level, the last restores it
+        if _quiet_depth[0] == 0:
+            _quiet_depth.append(logger.level)
+            logger.setLevel(logging.CRITICAL)
+        _quiet_depth[0] += 1
     try:
         yield
     finally:
-        logger.setLevel(level)
+        with _quiet_lock:
+            _quiet_depth[0] -= 1
+            if _quiet_depth[0] == 0:
+                logger.setLevel(_quiet_depth.pop())
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth: list[int] = [0]  # [captures in progress, the level to restore (while any)]
 
 
 def avoid_fallback(exc: BaseException) -> str:
