@@ -10,7 +10,7 @@ torch.no_grad(), in eval mode. Per model, in one process and on the same inputs,
 * backend: ``torch.compile(model, backend="torchtrt_ext")``;
 * wrapper: ``torchtrt_ext.compile(model, example_kwargs=inputs)`` (default options; timm models
   take their image positionally: ``example_inputs=(x,)``). wrapper_path says whether it took the
-  torch.export path or fell back to dynamo (as it does for outputs holding a transformers cache).
+  torch.export path (transformers' cache objects included) or fell back to dynamo.
 
 What is measured, per model (one row):
 * compile_s_*: wall time of the first call, synchronized (for the wrapper plus its compile() call).
