@@ -71,6 +71,31 @@ def test_backend_runs_each_layer_with_its_own_weights():
     assert all(e.device == torch.device("cpu") for e in engines)
 
 
+def test_weights_the_model_no_longer_holds_are_freed_with_their_engines():
+    """Each set of weights gets its engine (the layers share one graph); replacing the parameters
+    (load_state_dict(assign=True), a new Parameter) must not keep the old ones alive through the
+    backend, or a server swapping weights would grow without bound."""
+    import gc
+    import weakref
+
+    model = _fresh()
+    compiled = torch.compile(model, backend="torchtrt_ext")
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        compiled(x)
+        old = []
+        for round in range(3):
+            for layer in model.layers:
+                old.append(weakref.ref(layer.fc1.weight))
+                layer.fc1.weight = nn.Parameter(torch.randn_like(layer.fc1.weight))
+            assert _rel(compiled(x), model(x)) < 1e-5
+    gc.collect()
+    alive = sum(r() is not None for r in old)
+    # the first engine of the shared graph keeps its weights (its compiled code is shared from it);
+    # every other replaced weight is gone
+    assert alive <= 1, f"{alive} of {len(old)} replaced weights are still alive"
+
+
 def test_backend_refit_names_layers_by_the_models_names():
     model = _fresh()
     x = torch.randn(2, 7, 32)

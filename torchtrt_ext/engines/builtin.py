@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -143,7 +144,9 @@ class BuiltinEngine(Engine):
         if settings.cuda_graphs and device.type != "cuda":
             raise TorchTRTExtError(f"cuda_graphs=True needs a CUDA engine, but this one runs on {device}")
         super().__init__(device, settings)
-        self._model_tensors = [w.tensor for w in lifted.weights]
+        # The model's own tensors, weakly: the engine must not keep a model's weights alive (the
+        # backend drops an engine when the weights it was built for die).
+        self._model_tensors = [weakref.ref(w.tensor) for w in lifted.weights]
         self._names: dict[str, int] = {}
         for index, w in enumerate(lifted.weights):
             for name in (w.name, *w.aliases):
@@ -266,7 +269,7 @@ class BuiltinEngine(Engine):
         #    the model takes the new values too (its state_dict, an eager call), copied from the active
         #    buffer. Calls that started before the switch may still read that memory on other streams:
         #    the copy waits until they end (retire), or they would compute with a mix of old and new.
-        shared = [i for i in values if self._spare[i].data_ptr() == self._model_tensors[i].data_ptr()]
+        shared = [i for i in values if _same_memory(self._spare[i], self._model_tensors[i]())]
         if shared:
             self._runner.retire()
             copy_weights([self._spare[i] for i in shared], [self._table[i] for i in shared])
@@ -304,7 +307,12 @@ class BuiltinEngine(Engine):
             self.load_weights(load)
 
     def memory(self) -> MemoryUse:
-        return weight_memory(self.device, self._table + (self._spare or []), self._model_tensors)
+        model = [t for t in (r() for r in self._model_tensors) if t is not None]
+        return weight_memory(self.device, self._table + (self._spare or []), model)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and a.data_ptr() == b.data_ptr()
 
 
 def _saved_whole(compiled: Any) -> bytes | None:

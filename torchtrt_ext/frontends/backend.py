@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -44,14 +45,33 @@ class DynamoGraph:
         registry.add(engine, [w.tensor for w in lifted.weights])
         weights = self._pick_weights(lifted.example_args)
         self.engine = engine  # the first: the one built for the weights of the first call
-        entry = (engine, weights, tuple(map(_data_ptr, weights)))
-        self._by_weights: dict[tuple[int, ...], tuple[Engine, tuple, tuple]] = {tuple(map(id, weights)): entry}
-        self._last = entry
+        # Per weight set: its engine, the weights (weakly: a model the user drops takes its engine
+        # with it) and their memory. The last one used is held strongly, for the fast path.
+        self._by_weights: dict[tuple[int, ...], tuple[Engine, tuple, tuple]] = {}
         self._lock = threading.Lock()
+        self._last = self._remember(engine, weights)
 
     @property
     def engines(self) -> list[Engine]:
-        return [entry[0] for entry in self._by_weights.values()]
+        with self._lock:
+            return [entry[0] for entry in self._by_weights.values()]
+
+    def _remember(self, engine: Engine, weights: tuple) -> tuple[Engine, tuple, tuple]:
+        """Keep `engine` for this weight set until one of its tensors dies (caller holds the lock, or
+        is the constructor)."""
+        key = tuple(map(id, weights))
+        pointers = tuple(map(_data_ptr, weights))
+        refs = tuple(weakref.ref(w) for w in weights)
+        self._by_weights[key] = (engine, refs, pointers)
+        if weights:
+            weakref.finalize(weights[0], self._forget, key, refs[0])
+        return (engine, weights, pointers)
+
+    def _forget(self, key: tuple[int, ...], ref: weakref.ref) -> None:
+        with self._lock:
+            found = self._by_weights.get(key)
+            if found is not None and found[1][0] is ref:  # not an entry made since for reused ids
+                del self._by_weights[key]
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
         engine, weights, pointers = self._last
@@ -67,12 +87,11 @@ class DynamoGraph:
         pointers = tuple(map(_data_ptr, weights))
         with self._lock:  # concurrent first calls with new weights build one engine
             found = self._by_weights.get(key)
-            if found is None or not all(map(operator.is_, weights, found[1])) or found[2] != pointers:
-                # new tensors, or the same ones with new memory: that entry is replaced, not kept
-                found = (self._build_for(args, weights), weights, pointers)
-                self._by_weights[key] = found
-            self._last = found
-            return found[0]
+            if found is not None and all(r() is w for r, w in zip(found[1], weights)) and found[2] == pointers:
+                self._last = (found[0], weights, pointers)
+            else:  # new tensors, or the same ones with new memory: that entry is replaced, not kept
+                self._last = self._remember(self._build_for(args, weights), weights)
+            return self._last[0]
 
     def _build_for(self, args: Sequence[Any], weights: tuple) -> Engine:
         first = self.engine.weight_tensors()
