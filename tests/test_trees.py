@@ -66,3 +66,33 @@ def test_a_spec_with_an_unknown_context_tag_is_refused():
 def test_text_that_is_no_spec_names_the_field():
     with pytest.raises(EngineFileError, match="the signature's in_spec 'not json' is not a tree spec"):
         trees.loads("not json", "the signature's in_spec")
+
+
+class OwnCache:
+    """A model's own cache class outside transformers, as transformers' helper registers it (any
+    class named *Cache in the model's module): its node is rebuilt by transformers' unflatten too."""
+
+
+def test_a_node_of_a_cache_class_outside_transformers_is_checked_too(tmp_path):
+    import json
+
+    from transformers.exporters import exporter_dynamo
+
+    exporter_dynamo.register_pytree_node(OwnCache)
+    cache = OwnCache()
+    cache.x = torch.zeros(1)
+    doc = json.loads(pytree.treespec_dumps(pytree.tree_structure([cache])))
+    marker = tmp_path / "ran"
+    doc[1]["children_spec"][0]["context"] = json.dumps({"_t": "seq", "p": "os:system", "v": [f"touch {marker}"]})
+    with pytest.raises(EngineFileError, match="names 'os:system' as a class to rebuild"):
+        trees.loads(json.dumps(doc), "the out_spec")
+    assert not marker.exists()
+
+
+def test_a_dtype_tag_must_name_a_dtype():
+    text, _ = _cache_spec_text()
+    assert '\\"_t\\": \\"device\\"' in text
+    bad = text.replace('{\\"_t\\": \\"device\\", \\"s\\": \\"cpu\\"}', '{\\"_t\\": \\"dtype\\", \\"n\\": \\"load\\"}', 1)
+    assert bad != text
+    with pytest.raises(EngineFileError, match="names 'load' as a torch dtype, which it is not"):
+        trees.loads(bad, "the out_spec")

@@ -20,7 +20,9 @@ from .errors import EngineFileError
 # a context may name: a file naming any other module is refused before anything is imported.
 _CONTEXT_TAGS = {"tensor", "size", "device", "dtype", "layout", "sym", "items", "type", "map", "seq", "obj"}
 _TRUSTED_PREFIX = "transformers."
+_EXPORTER = "transformers.exporters.exporter_dynamo"
 _MODULE = re.compile(r"transformers(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_NAMED_MODULE = re.compile(r"(transformers(?:\.[A-Za-z_][A-Za-z0-9_]*)*):[A-Za-z_]")
 _QUALNAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _registered_models: set[type] = set()
 
@@ -70,9 +72,26 @@ def _register_cache_classes() -> None:
 
 def prepare(data: str | bytes) -> None:
     """Before reading tree specs from `data` (a file's JSON or a saved program): where it mentions
-    transformers, its cache classes are registered, so that the specs naming them can be read."""
-    if (b"transformers." if isinstance(data, bytes) else _TRUSTED_PREFIX) in data:
-        _register_cache_classes()
+    transformers, its cache classes are registered, so that the specs naming them can be read; the
+    transformers modules it names are imported first (transformers imports its models lazily, and a
+    model's own cache class is registered only once its module is loaded)."""
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    if _TRUSTED_PREFIX not in text:
+        return
+    for module_name in sorted(set(_NAMED_MODULE.findall(text))):
+        if _MODULE.fullmatch(module_name):
+            try:
+                importlib.import_module(module_name)
+            except ImportError:
+                pass  # reading the spec then says which type it lacks
+    _register_cache_classes()
+    exporter = _exporter()
+    if exporter is not None and hasattr(exporter, "is_cache_class"):  # cache classes outside Cache's tree
+        for module_name in sorted(set(_NAMED_MODULE.findall(text))):
+            module = sys.modules.get(module_name)
+            for value in vars(module).values() if module is not None and _MODULE.fullmatch(module_name) else ():
+                if isinstance(value, type) and value.__module__ == module_name and exporter.is_cache_class(value):
+                    exporter.register_pytree_node(value)
 
 
 def loads(text: str, what: str) -> pytree.TreeSpec:
@@ -93,7 +112,10 @@ def check(spec: pytree.TreeSpec, what: str) -> None:
     stack = [spec]
     while stack:
         node = stack.pop()
-        if node.type is not None and getattr(node.type, "__module__", "").startswith(_TRUSTED_PREFIX):
+        registered = pytree.SUPPORTED_NODES.get(node.type) if node.type is not None else None
+        # Every node rebuilt by transformers' unflatten (whatever module its class is in: a model's own
+        # cache class is registered too), which imports and calls the classes its context names.
+        if registered is not None and getattr(registered.unflatten_fn, "__module__", "") == _EXPORTER:
             _check_context(node.context, what)
         stack.extend(node.children() if hasattr(node, "children") else node.children_specs)
 
@@ -108,6 +130,8 @@ def _check_context(context: Any, what: str) -> None:
                 raise EngineFileError(f"{what} has an unknown context tag {tag!r}")
             if tag in ("type", "map", "seq", "obj"):
                 _check_class(item.get("p"), tag, what)
+            elif tag in ("dtype", "layout") and not isinstance(getattr(torch, str(item.get("n")), None), (torch.dtype, torch.layout)):
+                raise EngineFileError(f"{what} names {_short(str(item.get('n')))} as a torch {tag}, which it is not")
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
