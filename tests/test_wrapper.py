@@ -203,6 +203,35 @@ def test_the_engine_writes_inputs_in_place_itself_even_through_a_conformed_copy(
     assert not any(isinstance(u, int) for u in variant.updates)  # acc is the engine's to write
 
 
+_WRITES = {
+    "out=": lambda x: torch.add(x, 1, out=x),
+    "split item": lambda x: x.split(2)[0].add_(1),
+    "unbind item": lambda x: x.unbind(1)[0].zero_(),
+    "chunk item": lambda x: x.chunk(2, 1)[1].fill_(7),
+    "foreach": lambda x: torch._foreach_add_([x], 1),
+    "setitem": lambda x: x.__setitem__((slice(None), 0), 5.0),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_WRITES))
+def test_every_way_of_writing_a_non_dense_input_reaches_the_callers_tensor(how):
+    class Writes(torch.nn.Module):
+        def forward(self, x):
+            _WRITES[how](x)
+            return x.sum(0) * 2
+
+    model = Writes().eval()
+    compiled = torchtrt_ext.compile(model)
+    for _ in range(2):
+        x = torch.randn(6, 4).t()  # not dense-contiguous: the compiled code runs on a copy
+        expected_x = x.clone()
+        expected = model(expected_x)
+        got = compiled(x)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(x, expected_x)  # the write reached the caller's tensor
+    assert compiled.variants[0].writes == (0,)
+
+
 def test_not_a_module_is_refused():
     with pytest.raises(TypeError, match="torchtrt_ext.compile takes an nn.Module, got function"):
         torchtrt_ext.compile(lambda x: x)

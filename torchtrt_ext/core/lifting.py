@@ -10,6 +10,7 @@ state_dict name), and which placeholders are the caller's inputs.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -269,7 +270,9 @@ def write_inputs_in_graph(lifted: LiftedGraph, updates: Sequence[str | int]) -> 
 def written_inputs(lifted: LiftedGraph) -> list[int]:
     """The caller inputs (by call position) whose memory the graph writes in place, directly or
     through a view: export keeps a forward's in-place ops (a KV cache's index_copy_) in its graph,
-    and the compiled code then writes the caller's tensor itself."""
+    and the compiled code then writes the caller's tensor itself. Read from the ops' schemas: written
+    arguments (positional, keyword such as out=, or in a list such as _foreach_add_'s), and aliases
+    followed through views, in-place results and the items of split/unbind/chunk."""
     gm = lifted.gm
     if gm is None:
         return []
@@ -277,15 +280,25 @@ def written_inputs(lifted: LiftedGraph) -> list[int]:
     owner: dict[torch.fx.Node, int] = {nodes[p]: i for i, p in enumerate(lifted.input_positions)}
     written: set[int] = set()
     for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:  # an item of a view list (split, unbind) aliases its input
+            if isinstance(node.args[0], torch.fx.Node) and node.args[0] in owner:
+                owner[node] = owner[node.args[0]]
+            continue
+        schema = getattr(node.target, "_schema", None)
         if schema is None:
             continue
+        given = list(zip(schema.arguments, node.args))
+        given += [(a, node.kwargs[a.name]) for a in schema.arguments if a.name in node.kwargs]
         aliased = None
-        for argument, value in zip(schema.arguments, node.args):
-            if isinstance(value, torch.fx.Node) and value in owner and argument.alias_info is not None:
-                if argument.alias_info.is_write:
-                    written.add(owner[value])
-                aliased = owner[value]  # a view or an in-place result aliases its input
+        for argument, value in given:
+            info = argument.alias_info  # on a list argument too (Tensor(a!)[])
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, torch.fx.Node) and item in owner and info is not None:
+                    if info.is_write:
+                        written.add(owner[item])
+                    aliased = owner[item]  # a view or an in-place result aliases its input
         if aliased is not None and any(r.alias_info is not None for r in schema.returns):
             owner[node] = aliased
     return sorted(written)
