@@ -85,6 +85,12 @@ def _broken(text: str, line: int, new: str | None) -> str:
         (9, "0x1.0p+0 a: b:input", "line 9: 'a: b:input' appears twice"),
         (7, "", "line 7: a blank line before the end of the file"),
         (7, "0x1.0p+0 lm\rhead", "line 7: a carriage return inside the line"),
+        (5, "entries: \u00b2", "line 5: the entry count '\u00b2' is not a number"),  # isdigit() says yes
+        (1, "torchtrt_ext calibration cache \u00b9", "line 1: not a calibration cache"),
+        (7, "0x1p+99999999999 lm_head:input", "line 7: hexadecimal value too large to represent as a float"),
+        (7, "0x1p+\u0661 lm_head:input", "line 7: expected '<amax as a hex float> <name>'"),  # an Arabic-Indic digit
+        (7, "0x1p+0  lm_head:input", "line 7: the name ' lm_head:input' cannot be written"),
+        (7, "0x1p+0 lm\x0bhead", "line 7: the name 'lm\\x0bhead' cannot be written"),
     ],
 )
 def test_malformed_lines_are_refused_with_their_number(line, new, message):
@@ -103,6 +109,7 @@ def test_malformed_lines_are_refused_with_their_number(line, new, message):
         ("TRT-8601-EntropyCalibration2\nx: 3c010a14\nx: 3c010a14\n", "line 3: 'x' appears twice"),
         ("TRT-8601-EntropyCalibration2\nx: 00000000\n", "line 2: 'x' has amax 0.0"),
         ("", "empty"),
+        ("TRT-\u0668601-EntropyCalibration2\nx: 3c010a14\n", "line 1: expected 'TRT-<version>-<algorithm>'"),
     ],
 )
 def test_malformed_tensorrt_caches_are_refused_with_their_number(text, message):

@@ -32,8 +32,9 @@ SCHEMA_VERSION = 1
 MAGIC = "torchtrt_ext calibration cache"
 METHODS = ("max", "percentile", "entropy")
 INT8_MAX = 127.0
-_HEX_FLOAT = re.compile(r"[-+]?0x[0-9a-f]+(\.[0-9a-f]*)?p[-+]?\d+|[-+]?(inf|nan)", re.IGNORECASE)
-_TRT_HEADER = re.compile(r"TRT-(\d+)-(\S+)")
+_HEX_FLOAT = re.compile(r"[-+]?0x[0-9a-f]+(\.[0-9a-f]*)?p[-+]?[0-9]+|[-+]?(inf|nan)", re.IGNORECASE)
+_TRT_HEADER = re.compile(r"TRT-([0-9]+)-([!-~]+)")
+_COUNT = re.compile(r"[0-9]+")
 _TRT_SCALE = re.compile(r"[0-9a-fA-F]{1,8}")
 
 
@@ -187,7 +188,7 @@ def _field(lines: list[str], number: int, key: str, source: str) -> str:
 
 def _read_ours(lines: list[str], source: str) -> CalibrationCache:
     first = lines[0].split(" ")
-    if " ".join(first[:-1]) != MAGIC or not first[-1].isdigit():
+    if " ".join(first[:-1]) != MAGIC or not _COUNT.fullmatch(first[-1]):
         raise CalibrationError(f"{source}: line 1: not a calibration cache (expected '{MAGIC} {SCHEMA_VERSION}', found {lines[0][:80]!r})")
     if int(first[-1]) != SCHEMA_VERSION:
         raise CalibrationError(
@@ -199,10 +200,10 @@ def _read_ours(lines: list[str], source: str) -> CalibrationCache:
         raise CalibrationError(f"{source}: line 2: unknown method {method!r}; the methods are {', '.join(METHODS)}")
     fingerprint = _field(lines, 3, "model", source)
     batches = _field(lines, 4, "batches", source).split(" ")
-    if len(batches) != 2 or not batches[0].isdigit():
+    if len(batches) != 2 or not _COUNT.fullmatch(batches[0]):
         raise CalibrationError(f"{source}: line 4: expected 'batches: <count> <hash>', found {lines[3][:80]!r}")
     count = _field(lines, 5, "entries", source)
-    if not count.isdigit():
+    if not _COUNT.fullmatch(count):
         raise CalibrationError(f"{source}: line 5: the entry count {count!r} is not a number")
     if len(lines) - 5 != int(count):
         raise CalibrationError(f"{source}: the header says {count} entries, the file has {len(lines) - 5} (truncated or appended to?)")
@@ -213,7 +214,12 @@ def _read_ours(lines: list[str], source: str) -> CalibrationCache:
             raise CalibrationError(f"{source}: line {number}: expected '<amax as a hex float> <name>', found {line[:80]!r}")
         if name in entries:
             raise CalibrationError(f"{source}: line {number}: {name!r} appears twice")
-        entries[name] = _amax_at(float.fromhex(value), name, source, number)
+        try:
+            _check_name(name)
+            amax = float.fromhex(value)
+        except (CalibrationError, OverflowError, ValueError) as exc:
+            raise CalibrationError(f"{source}: line {number}: {exc}") from None
+        entries[name] = _amax_at(amax, name, source, number)
     return CalibrationCache(entries, method, fingerprint, int(batches[0]), batches[1])
 
 
@@ -250,8 +256,11 @@ def _check_amax(name: str, amax: float) -> None:
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or name != name.strip() or any(c in name for c in "\r\n"):
-        raise CalibrationError(f"the name {name!r} cannot be written: names are non-empty, without line breaks or outer spaces")
+    if not isinstance(name, str) or not name or name != name.strip() or len(f"x{name}x".splitlines()) != 1:
+        raise CalibrationError(
+            f"the name {name!r} cannot be written: names are non-empty, without outer spaces or any character "
+            "that ends a line (\\n, \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85, \\u2028, \\u2029)"
+        )
 
 
 def _check_trt_name(name: str) -> None:
