@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import torchtrt_ext
-from torchtrt_ext import RefitError
+from torchtrt_ext import InputError, RefitError
 
 
 class Net(nn.Module):
@@ -281,6 +281,23 @@ def test_an_extra_keyword_to_a_kwargs_forward_takes_the_export_path():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     # one variant per structure (with and without scale): the batch size is dynamic in both
     assert not compiled.uses_dynamo and len(compiled.variants) == 2
+
+
+def test_a_kwargs_forward_saves_and_loads_and_is_called_as_the_model_is(tmp_path):
+    """Captured through its flattened inputs (export cannot take **kwargs with dynamic sizes), the
+    program still takes the model's own call: the loaded module is called with keywords."""
+    model = _TakesKwargs().eval()
+    compiled = torchtrt_ext.compile(model)
+    x, scale = torch.randn(3, 4), torch.randn(3, 4)
+    compiled(x, scale=scale)
+    torchtrt_ext.save(compiled, tmp_path / "kwargs.ttx")
+    loaded = torchtrt_ext.load(tmp_path / "kwargs.ttx")
+    for batch in (3, 6):
+        x, scale = torch.randn(batch, 4), torch.randn(batch, 4)
+        torch.testing.assert_close(loaded(x, scale=scale), model(x, scale=scale), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match=r"fits none of the 1 input signatures compiled into .*kwargs.ttx \(against the "
+                       r"first: the structure of the arguments differs\); a loaded module holds compiled code only"):
+        loaded(x)  # without scale: a signature the file does not hold
 
 
 class _BranchesOnData(nn.Module):

@@ -56,7 +56,11 @@ def export(
         log.info("torchtrt_ext: %s.forward takes **kwargs: captured through its flattened inputs", type(model).__name__)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         shapes = [_dynamic_dims(leaf, dims, settings.dynamic_batch) for leaf in leaves]
-        return torch.export.export(_FlatCall(model, spec), tuple(leaves), dynamic_shapes={"leaves": tuple(shapes)}, strict=False)
+        ep = torch.export.export(_FlatCall(model, spec), tuple(leaves), dynamic_shapes={"leaves": tuple(shapes)}, strict=False)
+        # The program takes the caller's own structure, leaf for leaf the flattened inputs it was
+        # captured with: an engine file then rebuilds calls as the model is called (args, kwargs).
+        ep.module_call_graph[0].signature.in_spec = spec
+        return ep
 
 
 class _FlatCall(torch.nn.Module):

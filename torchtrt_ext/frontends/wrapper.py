@@ -99,6 +99,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         for i in range(len(contents.header.programs)):
             self._variants.append(self._variant_from_file(contents, i, None))
         self._weights_missing = not weights_included
+        self._loaded_from = str(contents.path)  # no model code to capture: new signatures are refused
 
     @property
     def original(self) -> torch.nn.Module:
@@ -248,8 +249,15 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
     def _add_variant(self, args: tuple, kwargs: dict, flat: list, spec: pytree.TreeSpec) -> Variant | None:
         if not self.settings.weight_streaming:  # streaming: the inputs give the device, the model may stay on the host
             capture.check_devices(self.original, args, kwargs, self._forward_signature)
-        if len(self._variants) >= self.settings.max_variants:
+        loaded_from = self.__dict__.get("_loaded_from")
+        if len(self._variants) >= self.settings.max_variants or loaded_from:
             reason = capture.name_inputs(self._variants[0].signature.mismatch(spec, flat), args, kwargs, self._forward_signature)
+            if loaded_from:
+                raise InputError(
+                    f"this call fits none of the {len(self._variants)} input signatures compiled into {loaded_from} "
+                    f"(against the first: {reason}); a loaded module holds compiled code only, so call it with "
+                    "inputs like those, or compile the model itself for new ones"
+                )
             raise InputError(
                 f"this call fits none of the {len(self._variants)} compiled input signatures (against the "
                 f"first: {reason}) and max_variants={self.settings.max_variants} is reached; raise "
