@@ -98,6 +98,46 @@ def test_the_users_model_is_unchanged_and_still_deep_copies():
     repr(model), repr(compiled)
 
 
+def test_calls_during_another_threads_capture_run_and_follow_nothing_fake():
+    """torch.export (non-strict) swaps the model's weights for fake tensors while it traces: a call
+    on another thread meanwhile must neither take them for the user's change nor touch them."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    compiled = torchtrt_ext.compile(model)
+    x2, x3 = torch.randn(4, 16), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        compiled(x2)
+        expected2 = model(x2)  # now: during a capture the model itself cannot run (its weights are fakes)
+    stop, errors, calls = threading.Event(), [], [0]
+
+    def keep_calling():
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    torch.testing.assert_close(compiled(x2), expected2, rtol=1e-5, atol=1e-5)
+                    calls[0] += 1
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    caller = threading.Thread(target=keep_calling)
+    caller.start()
+    try:
+        with torch.no_grad():
+            for _ in range(3):  # new ranks: captured while the other thread calls
+                got = compiled(x3)
+                stop.set()
+                caller.join()
+                torch.testing.assert_close(got, model(x3), rtol=1e-5, atol=1e-5)
+                stop.clear()
+                caller = threading.Thread(target=keep_calling)
+                caller.start()
+                x3 = torch.randn(*x3.shape[:-1], 2, 16)
+    finally:
+        stop.set()
+        caller.join()
+    assert not errors, errors[0]
+    assert calls[0] > 0 and len(compiled.variants) >= 2
+
+
 def test_pickle_deepcopy_and_torch_save_name_the_way_to_save(tmp_path):
     compiled = torchtrt_ext.compile(_net().eval(), (torch.randn(2, 16),))
     for attempt in (lambda: pickle.dumps(compiled), lambda: copy.deepcopy(compiled), lambda: torch.save(compiled, tmp_path / "m.pt")):

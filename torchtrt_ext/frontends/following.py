@@ -4,9 +4,10 @@ mode: 'refit' follows, 'none' refuses any change, 'identical' refuses other valu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -24,6 +25,18 @@ class FollowsWeights:
         """Watch every parameter and buffer slot of `module` (capture.watch_weights)."""
         self._watch, self._watched, self._watched_names = capture.watch_weights(module)
         self._weights_lock = threading.RLock()
+
+    _capturing = False
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Around a capture (under the wrapper's compile lock: one at a time), during which the model's
+        weights are the tracer's fake tensors."""
+        self.__dict__["_capturing"] = True
+        try:
+            yield
+        finally:
+            self.__dict__["_capturing"] = False
 
     @property
     def weights_lock(self) -> threading.RLock:
@@ -43,6 +56,11 @@ class FollowsWeights:
         call (load_state_dict, an optimizer step, assignment), make the engines use the new values.
         One pass of the runtime's WeightWatch when nothing changed."""
         if not self._watch.changed():
+            return
+        if self._capturing:
+            # Another thread's torch.export swaps the model's weights for fake tensors while it traces
+            # (non-strict export): what the watch sees now is not the user's change. Followed at a later
+            # call, once the capture has put the weights back.
             return
         with self._weights_lock:  # a refit on another thread may be loading these very weights
             changed = self._watch.changed()

@@ -253,11 +253,8 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         if len(self._variants) >= self.settings.max_variants or loaded_from:
             reason = capture.name_inputs(self._variants[0].signature.mismatch(spec, flat), args, kwargs, self._forward_signature)
             if loaded_from:
-                raise InputError(
-                    f"this call fits none of the {len(self._variants)} input signatures compiled into {loaded_from} "
-                    f"(against the first: {reason}); a loaded module holds compiled code only, so call it with "
-                    "inputs like those, or compile the model itself for new ones"
-                )
+                raise InputError(f"this call fits none of the {len(self._variants)} input signatures compiled into {loaded_from} (against "
+                                 f"the first: {reason}); a loaded module holds compiled code only, so call it with inputs like those, or compile the model itself for new ones")
             raise InputError(
                 f"this call fits none of the {len(self._variants)} compiled input signatures (against the "
                 f"first: {reason}) and max_variants={self.settings.max_variants} is reached; raise "
@@ -276,7 +273,8 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
                 self._variants.append(variant)
                 return variant
         try:  # captured for dense inputs (a slice or transpose is copied: the code then takes any call)
-            ep = capture.export(self.original, *pytree.tree_map(dense, (args, kwargs)), self.settings, varying_dims(self._variants, spec, flat))
+            with self.capturing():
+                ep = capture.export(self.original, *pytree.tree_map(dense, (args, kwargs)), self.settings, varying_dims(self._variants, spec, flat))
         except Exception as exc:
             self._raise_as_eager(args, kwargs)  # an input eager rejects: eager's own error
             if self.settings.frontend == "export" or not first:
