@@ -239,34 +239,6 @@ def _merge_tied(lifted: LiftedGraph) -> LiftedGraph:
     )
 
 
-def write_inputs_in_graph(lifted: LiftedGraph, updates: Sequence[str | int]) -> tuple[list[str | int], list[int]]:
-    """The graph's first outputs are the new values of what it writes (`updates`: a buffer's name, or
-    a caller input's index, as capture.updates lists them). Writes into caller inputs (a KV cache
-    updated in place) become part of the graph: a copy_ into the input's placeholder, which Inductor
-    makes a write into the caller's own memory (an index_copy into the cache, not a new cache and a
-    copy of it). Returns the updates left for the caller to apply (buffers), in output order, and the
-    caller inputs the graph now writes itself."""
-    gm = lifted.gm
-    if gm is None or not any(isinstance(u, int) for u in updates):
-        return list(updates), []
-    nodes = _placeholders(gm)
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    values = list(output.args[0])
-    kept_updates: list[str | int] = []
-    kept_values: list[Any] = []
-    with gm.graph.inserting_before(output):
-        for target, value in zip(updates, values):
-            if isinstance(target, int):
-                gm.graph.call_function(torch.ops.aten.copy_.default, (nodes[lifted.input_positions[target]], value))
-            else:
-                kept_updates.append(target)
-                kept_values.append(value)
-    output.args = (kept_values + values[len(updates):],)
-    gm.graph.lint()
-    gm.recompile()
-    return kept_updates, [u for u in updates if isinstance(u, int)]
-
-
 def written_inputs(lifted: LiftedGraph) -> list[int]:
     """The caller inputs (by call position) whose memory the graph writes in place, directly or
     through a view: export keeps a forward's in-place ops (a KV cache's index_copy_) in its graph,

@@ -78,18 +78,18 @@ def prepare(data: str | bytes) -> None:
     text = data.decode("latin-1") if isinstance(data, bytes) else data
     if _TRUSTED_PREFIX not in text:
         return
-    for module_name in sorted(set(_NAMED_MODULE.findall(text))):
-        if _MODULE.fullmatch(module_name):
-            try:
-                importlib.import_module(module_name)
-            except ImportError:
-                pass  # reading the spec then says which type it lacks
+    named = sorted(m for m in set(_NAMED_MODULE.findall(text)) if _MODULE.fullmatch(m))
+    for module_name in named:
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            pass  # reading the spec then says which type it lacks
     _register_cache_classes()
     exporter = _exporter()
     if exporter is not None and hasattr(exporter, "is_cache_class"):  # cache classes outside Cache's tree
-        for module_name in sorted(set(_NAMED_MODULE.findall(text))):
+        for module_name in named:
             module = sys.modules.get(module_name)
-            for value in vars(module).values() if module is not None and _MODULE.fullmatch(module_name) else ():
+            for value in vars(module).values() if module is not None else ():
                 if isinstance(value, type) and value.__module__ == module_name and exporter.is_cache_class(value):
                     exporter.register_pytree_node(value)
 

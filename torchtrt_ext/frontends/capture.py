@@ -63,6 +63,15 @@ def export(
         return ep
 
 
+def share_structure(module: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Make `module` hold `model`'s own parameters, buffers and submodules (the same dicts): its
+    state_dict names, and a capture's weight names, are the model's."""
+    module._parameters = model._parameters
+    module._buffers = model._buffers
+    module._non_persistent_buffers_set = model._non_persistent_buffers_set
+    module._modules = model._modules
+
+
 class _FlatCall(torch.nn.Module):
     """`model` called with its flattened inputs as positional arguments (export takes their dynamic
     sizes there). It shares the model's parameters, buffers and submodules, so the captured graph
@@ -70,10 +79,7 @@ class _FlatCall(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, spec: pytree.TreeSpec):
         super().__init__()
-        self._parameters = model._parameters
-        self._buffers = model._buffers
-        self._non_persistent_buffers_set = model._non_persistent_buffers_set
-        self._modules = model._modules
+        share_structure(self, model)
         self.__dict__["_model"] = model
         self.__dict__["_spec"] = spec
 

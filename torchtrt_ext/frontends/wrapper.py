@@ -41,11 +41,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
 
     def __init__(self, module: torch.nn.Module, settings: Settings):
         super().__init__()
-        # Share the original's structure: parameters, buffers and submodules are the original's own.
-        self._parameters = module._parameters
-        self._buffers = module._buffers
-        self._non_persistent_buffers_set = module._non_persistent_buffers_set
-        self._modules = module._modules
+        capture.share_structure(self, module)
         self.training = module.training
         self.__dict__["_original"] = module  # not a submodule: state_dict names stay the original's
         self.settings = settings
@@ -368,8 +364,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         writes: Sequence[int] = (),
     ) -> Variant:
         if not self.settings.weight_streaming:  # caller inputs the graph writes: written by the engine itself
-            updates, new_writes = lifting.write_inputs_in_graph(lifted, updates)
-            writes = sorted({*writes, *new_writes, *lifting.written_inputs(lifted)})
+            writes = sorted({*writes, *lifting.written_inputs(lifted)})
         engine = build_engine(lifted, self.settings, artifact, keep_artifact, writes=writes)
         registry.add(engine, [w.tensor for w in lifted.weights])
         resolved = [self.original.get_buffer(u) if isinstance(u, str) else int(u) for u in updates]
