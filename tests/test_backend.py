@@ -1,5 +1,7 @@
 """torch.compile(model, backend="torchtrt_ext"): same answers as eager, on the built-in engine."""
 
+import logging
+import operator
 import os
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import torchtrt_ext
 from tests import zoo
 from tests.conftest import CPU_AND_CUDA
 from torchtrt_ext import OptionError
+from torchtrt_ext.core import lifting
+from torchtrt_ext.core.writes import written_inputs
 
 
 def _compile(model, **options):
@@ -154,6 +158,30 @@ def test_backend_name_works_without_importing_the_package():
     assert "ok torch.Size([3, 2])" in result.stdout
 
 
+def test_a_stale_entry_point_of_another_install_does_not_shadow_the_backend():
+    """An entry point left by another install (naming a module this version does not have) would fail
+    to load when torch.compile resolves the name: importing the package takes the name over."""
+    result = _run_fresh(
+        """
+        import torch
+        from torch._dynamo.backends import registry
+
+        class Stale:
+            name, value = "torchtrt_ext", "torchtrt_ext.backend:torchtrt_ext_backend"
+            def load(self):
+                raise ModuleNotFoundError("No module named 'torchtrt_ext.backend'")
+
+        registry._lazy_import()
+        registry._BACKENDS["torchtrt_ext"] = Stale()
+        import torchtrt_ext
+        assert registry.lookup_backend("torchtrt_ext") is torchtrt_ext.torchtrt_ext_backend
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok" in result.stdout
+
+
 def test_backend_name_works_after_import():
     result = _run_fresh(
         """
@@ -168,3 +196,64 @@ def test_backend_name_works_after_import():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok" in result.stdout
+
+
+# Ways a forward writes its input `acc`, as dynamo records them: a method, an item assignment, an
+# augmented assignment, out=, a torch function, a view's method.
+_DYNAMO_WRITES = {
+    "method": lambda acc, y: acc.mul_(0.5).add_(y),
+    "setitem": lambda acc, y: acc.__setitem__((slice(None), slice(0, 2)), y[:, :2]),
+    "augmented": lambda acc, y: operator.iadd(acc, y),
+    "out=": lambda acc, y: torch.add(y, 1, out=acc),
+    "function": lambda acc, y: torch.relu_(acc),
+    "view": lambda acc, y: acc[:, 1:].zero_(),
+}
+
+
+class _WritesAcc(torch.nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc, self.how = torch.nn.Linear(4, 4), how
+
+    def forward(self, x, acc):
+        y = self.fc(x)
+        _DYNAMO_WRITES[self.how](acc, y)
+        return y.relu()
+
+
+@pytest.mark.parametrize("how", sorted(_DYNAMO_WRITES))
+def test_a_dynamo_graph_that_writes_its_inputs_runs_without_cuda_graphs_and_keeps_the_writes(how, caplog):
+    """Dynamo's graphs hold torch-level calls (acc.mul_, acc[...] = y), not aten ops with schemas: the
+    writes are still found, so cuda_graphs=True gives way (a CUDA graph would replay on copies and lose
+    them). On the CPU, an unfound write shows as the CPU engine refusing cuda_graphs=True."""
+    model = _WritesAcc(how).eval()
+    compiled = _compile(model, cuda_graphs=True)
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            x, acc = torch.randn(3, 4), torch.randn(3, 4)
+            expected_acc = acc.clone()
+            expected = model(x, expected_acc)
+            torch.testing.assert_close(compiled(x, acc), expected)
+            torch.testing.assert_close(acc, expected_acc)
+    assert "writes some of its inputs in place" in caplog.text
+
+
+def test_writes_to_a_dynamo_graphs_own_intermediates_are_not_writes_to_its_inputs():
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append(lifting.from_dynamo(gm, example_inputs))
+        return gm.forward
+
+    class Intermediates(torch.nn.Module):
+        def forward(self, x, acc):
+            z = x.clone()
+            z += 1
+            torch.relu_(z)
+            acc[:, 0] = z[:, 0]
+            return z * 2
+
+    with torch.no_grad():
+        torch.compile(Intermediates(), backend=capture)(torch.randn(3, 4), torch.randn(3, 4))
+    (lifted,) = captured
+    assert written_inputs(lifted) == [1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import sys
 import threading
 
 import pytest
@@ -363,6 +364,24 @@ def test_the_fallback_warning_gives_exports_reason_and_what_avoids_it(caplog):
         for sign in (1, -1):
             x = sign * torch.randn(3, 4).abs()
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_capture_prints_no_traced_graph_and_keeps_the_models_own_output(capsys):
+    """torch.export prints the partial graph of a failed capture to stderr, and symbolic shapes warn
+    about it: pages of torch's internals before the one line that says what happened. Neither reaches
+    the user; what the model itself prints still does."""
+
+    class Talks(_BranchesOnData):
+        def forward(self, x):
+            print("the model's own line", file=sys.stderr)
+            return super().forward(x)
+
+    stderr = sys.stderr
+    torchtrt_ext.compile(Talks().eval(), (torch.randn(3, 4),))
+    assert sys.stderr is stderr  # put back
+    err = capsys.readouterr().err
+    assert "def forward" not in err and "Unable to find user code" not in err
+    assert "the model's own line" in err
 
 
 @pytest.mark.zoo

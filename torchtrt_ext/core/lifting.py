@@ -10,7 +10,6 @@ state_dict name), and which placeholders are the caller's inputs.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -237,40 +236,3 @@ def _merge_tied(lifted: LiftedGraph) -> LiftedGraph:
         weights,
         [new_index[i] for i in lifted.input_positions],
     )
-
-
-def written_inputs(lifted: LiftedGraph) -> list[int]:
-    """The caller inputs (by call position) whose memory the graph writes in place, directly or
-    through a view: export keeps a forward's in-place ops (a KV cache's index_copy_) in its graph,
-    and the compiled code then writes the caller's tensor itself. Read from the ops' schemas: written
-    arguments (positional, keyword such as out=, or in a list such as _foreach_add_'s), and aliases
-    followed through views, in-place results and the items of split/unbind/chunk."""
-    gm = lifted.gm
-    if gm is None:
-        return []
-    nodes = _placeholders(gm)
-    owner: dict[torch.fx.Node, int] = {nodes[p]: i for i, p in enumerate(lifted.input_positions)}
-    written: set[int] = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is operator.getitem:  # an item of a view list (split, unbind) aliases its input
-            if isinstance(node.args[0], torch.fx.Node) and node.args[0] in owner:
-                owner[node] = owner[node.args[0]]
-            continue
-        schema = getattr(node.target, "_schema", None)
-        if schema is None:
-            continue
-        given = list(zip(schema.arguments, node.args))
-        given += [(a, node.kwargs[a.name]) for a in schema.arguments if a.name in node.kwargs]
-        aliased = None
-        for argument, value in given:
-            info = argument.alias_info  # on a list argument too (Tensor(a!)[])
-            for item in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(item, torch.fx.Node) and item in owner and info is not None:
-                    if info.is_write:
-                        written.add(owner[item])
-                    aliased = owner[item]  # a view or an in-place result aliases its input
-        if aliased is not None and any(r.alias_info is not None for r in schema.returns):
-            owner[node] = aliased
-    return sorted(written)

@@ -6,7 +6,7 @@ import logging
 from typing import Sequence
 
 from ..core.errors import EngineUnavailableError, TorchTRTExtError
-from ..core import lifting
+from ..core.writes import written_inputs
 from ..core.lifting import LiftedGraph
 from ..core.settings import Settings
 from . import tensorrt
@@ -64,7 +64,7 @@ def build_engine(
     like: an engine of the same graph; the new one computes with lifted's weights, sharing the compiled
     code where the engine kind can (a resident built-in engine), else compiled anew. writes: the inputs
     the compiled code writes in place, where the graph is not at hand (compiled code alone)."""
-    if settings.cuda_graphs and (writes or lifting.written_inputs(lifted)):
+    if settings.cuda_graphs and (writes or written_inputs(lifted)):
         # The runtime's graphs replay on copies of the inputs (their static inputs): writes into the
         # caller's tensors (a KV cache) would be lost. Such an engine runs without CUDA graphs.
         log.warning(

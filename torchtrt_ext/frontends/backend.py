@@ -151,20 +151,29 @@ _warned_grad: list[bool] = []
 
 
 def register() -> None:
-    """Make backend="torchtrt_ext" resolvable. Idempotent, and safe alongside the entry point: the name
-    is offered to dynamo's registry the way an entry point is, so dynamo registers it exactly once."""
+    """Make backend="torchtrt_ext" resolvable, to this package's backend function. Idempotent, and safe
+    alongside the entry point: the name is offered to dynamo's registry the way an entry point is, so
+    that dynamo registers it exactly once (an entry point loaded first imports this package, which must
+    not register the name under it). An entry point that names another module (left by another install
+    of the package) is replaced, so that it cannot shadow this one."""
     from torch._dynamo.backends import registry as dynamo_registry
 
     if BACKEND_NAME in dynamo_registry._COMPILER_FNS:
         return
-    if dynamo_registry._BACKENDS.get(BACKEND_NAME) is None:
+    dynamo_registry._lazy_import()  # dynamo's discovery of entry points, which would overwrite ours later
+    found = dynamo_registry._BACKENDS.get(BACKEND_NAME)
+    if found is None or getattr(found, "value", _ENTRY_POINT) != _ENTRY_POINT:
         dynamo_registry._BACKENDS[BACKEND_NAME] = _EntryPoint()
+
+
+_ENTRY_POINT = f"{__name__}:torchtrt_ext_backend"
 
 
 class _EntryPoint:
     """Stands in for an importlib entry point in dynamo's registry when the package is not installed."""
 
     name = BACKEND_NAME
+    value = _ENTRY_POINT
 
     @staticmethod
     def load() -> Any:

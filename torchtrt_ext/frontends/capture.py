@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import itertools
 import re
+import sys
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -100,26 +101,79 @@ def _dynamic_dims(value: Any, dims: dict[int, set[int]], batch_dim: bool) -> Any
 
 @contextlib.contextmanager
 def _quiet_capture() -> Iterator[None]:
-    """A failed capture raises (the wrapper then gives eager's own error or falls back); torch's fake
-    tensors also log that failure at error level with a traceback of torch's internals, which only
-    hides the real message from the user."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    with _quiet_lock:  # captures on several threads: the first sets the level, the last restores it
-        if _quiet_depth[0] == 0:
-            _quiet_depth.append(logger.level)
-            logger.setLevel(logging.CRITICAL)
-        _quiet_depth[0] += 1
+    """A failed capture raises (the wrapper then gives eager's own error or falls back, saying why);
+    meanwhile torch reports that failure itself, which only hides the real message from the user:
+    - fake tensors log it at error level, with a traceback of torch's internals;
+    - symbolic shapes warn "Unable to find user code corresponding to {u0}";
+    - torch.export prints the partial graph it traced to stderr (the exception's partial_fx_graph);
+      held here, it goes to this package's debug log instead. Other output of the capturing thread
+      reaches stderr when the capture ends; other threads' output is not held."""
+    with _quiet_lock:  # captures on several threads: the first sets the levels, the last restores them
+        if _quiet_state["depth"] == 0:
+            _quiet_state["levels"] = [logging.getLogger(name).level for name in _QUIETED]
+            for name, level in _QUIETED.items():
+                logging.getLogger(name).setLevel(level)
+            if not isinstance(sys.stderr, _HeldStderr):
+                sys.stderr = _HeldStderr(sys.stderr)
+        _quiet_state["depth"] += 1
+    stderr = sys.stderr
+    outer = isinstance(stderr, _HeldStderr) and stderr.hold()
     try:
         yield
+    except BaseException as exc:
+        if outer:
+            held = stderr.release()
+            if hasattr(exc, "partial_fx_graph"):
+                log.debug("torchtrt_ext: torch.export failed; what it printed:\n%s", held)
+            else:
+                stderr.real.write(held)
+            outer = False
+        raise
     finally:
+        if outer:
+            stderr.real.write(stderr.release())
         with _quiet_lock:
-            _quiet_depth[0] -= 1
-            if _quiet_depth[0] == 0:
-                logger.setLevel(_quiet_depth.pop())
+            _quiet_state["depth"] -= 1
+            if _quiet_state["depth"] == 0:
+                for name, level in zip(_QUIETED, _quiet_state.pop("levels")):
+                    logging.getLogger(name).setLevel(level)
+                if sys.stderr is stderr and isinstance(stderr, _HeldStderr):  # unless replaced since
+                    sys.stderr = stderr.real
 
 
+class _HeldStderr:
+    """sys.stderr while captures run: what a capturing thread writes is held until its capture ends;
+    every other write goes straight through."""
+
+    def __init__(self, real: Any):
+        self.real = real
+        self._held = threading.local()
+
+    def hold(self) -> bool:
+        """Start holding this thread's writes; False where they are held already (a nested capture)."""
+        if getattr(self._held, "parts", None) is not None:
+            return False
+        self._held.parts = []
+        return True
+
+    def release(self) -> str:
+        parts, self._held.parts = self._held.parts, None
+        return "".join(parts)
+
+    def write(self, text: str) -> int:
+        parts = getattr(self._held, "parts", None)
+        if parts is None:
+            return self.real.write(text)
+        parts.append(text)
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, encoding, isatty, ...
+        return getattr(self.real, name)
+
+
+_QUIETED = {"torch._subclasses.fake_tensor": logging.CRITICAL, "torch.fx.experimental.symbolic_shapes": logging.ERROR}
 _quiet_lock = threading.Lock()
-_quiet_depth: list[int] = [0]  # [captures in progress, the level to restore (while any)]
+_quiet_state: dict[str, Any] = {"depth": 0}  # captures in progress, and the levels to restore (while any)
 
 
 def avoid_fallback(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ from ..core import lifting, registry, trees
 from ..core.errors import EngineFileError, InputError, RefitError, TorchTRTExtError
 from ..core.settings import Settings
 from ..core.signature import InputSignature, dense
+from ..core.writes import written_inputs
 from ..engines import Engine, build_engine, resolve_kind
 from ..operations import engine_cache, files
 from ..operations.program import CompiledProgram
@@ -364,7 +365,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         writes: Sequence[int] = (),
     ) -> Variant:
         if not self.settings.weight_streaming:  # caller inputs the graph writes: written by the engine itself
-            writes = sorted({*writes, *lifting.written_inputs(lifted)})
+            writes = sorted({*writes, *written_inputs(lifted)})
         engine = build_engine(lifted, self.settings, artifact, keep_artifact, writes=writes)
         registry.add(engine, [w.tensor for w in lifted.weights])
         resolved = [self.original.get_buffer(u) if isinstance(u, str) else int(u) for u in updates]
