@@ -13,6 +13,10 @@
 namespace torchtrt_ext {
 namespace {
 
+bool is_written(const std::vector<char>& written, Py_ssize_t i) {
+  return i < static_cast<Py_ssize_t>(written.size()) && written[i] != 0;
+}
+
 // torch >= 2.13 wants to hear when a capture into a pool starts and ends; 2.11 has no such call.
 template <class Allocator>
 auto mark_capture(Allocator* a, c10::DeviceIndex device, bool begin, int) -> decltype(a->markCaptureBegin(device)) {
@@ -103,8 +107,8 @@ OwnStream::~OwnStream() {
   C10_CUDA_CHECK_WARN(cudaStreamDestroy(raw_));
 }
 
-std::optional<GraphKey> graph_key(const py::tuple& inputs, std::vector<at::Tensor>& tensors,
-                                  std::vector<Py_ssize_t>& positions) {
+std::optional<GraphKey> graph_key(const py::tuple& inputs, const std::vector<char>& written,
+                                  std::vector<at::Tensor>& tensors, std::vector<Py_ssize_t>& positions) {
   GraphKey key;
   const Py_ssize_t n = PyTuple_GET_SIZE(inputs.ptr());
   key.reserve(n * 8);
@@ -120,6 +124,10 @@ std::optional<GraphKey> graph_key(const py::tuple& inputs, std::vector<at::Tenso
       key.push_back(t.dim());
       for (int64_t s : t.sizes()) key.push_back(s);
       for (int64_t s : t.strides()) key.push_back(s);
+      if (is_written(written, i)) {
+        key.push_back(6);
+        key.push_back(static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr())));
+      }
       tensors.push_back(t);
       positions.push_back(i);
     } else if (PyBool_Check(obj)) {
@@ -149,27 +157,41 @@ std::optional<GraphKey> graph_key(const py::tuple& inputs, std::vector<at::Tenso
 // The capture runs on the slot's own non-blocking stream (never on a blocking side stream, see
 // stream_bridge.h), after one warm-up run there that creates per-stream library state (cuBLAS
 // workspaces) outside the capture.
-GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::vector<at::Tensor>& tensors,
-                    const std::vector<Py_ssize_t>& positions, c10::DeviceIndex device,
-                    const c10::cuda::CUDAStream& exec, SlotGraphs& slot, GraphKey key) {
+GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::vector<char>& written,
+                    const std::vector<at::Tensor>& tensors, const std::vector<Py_ssize_t>& positions,
+                    c10::DeviceIndex device, const c10::cuda::CUDAStream& exec, SlotGraphs& slot, GraphKey key) {
   at::NoGradGuard no_grad;
   auto entry = std::make_unique<GraphEntry>();
-  py::tuple static_args(PyTuple_GET_SIZE(inputs.ptr()));
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(inputs.ptr()); ++i) {
+  // static_args: what the graph is captured with; warm_args: what the warm-up runs on (the same,
+  // except that a written input is a scratch copy there, and the caller's own tensor in the graph).
+  const Py_ssize_t n = PyTuple_GET_SIZE(inputs.ptr());
+  py::tuple static_args(n), warm_args(n);
+  std::vector<at::Tensor> scratch;  // the warm-up's copies of written inputs
+  for (Py_ssize_t i = 0; i < n; ++i) {
     static_args[i] = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(inputs.ptr(), i));
+    warm_args[i] = static_args[i];
   }
   for (size_t i = 0; i < tensors.size(); ++i) {
     at::Tensor s = at::empty_strided(tensors[i].sizes(), tensors[i].strides(), tensors[i].options());
     s.copy_(tensors[i], /*non_blocking=*/true);
-    static_args[positions[i]] = py::reinterpret_steal<py::object>(THPVariable_Wrap(s));
-    entry->static_inputs.push_back(std::move(s));
+    py::object wrapped = py::reinterpret_steal<py::object>(THPVariable_Wrap(s));
+    warm_args[positions[i]] = wrapped;
+    if (is_written(written, positions[i])) {
+      entry->static_inputs.emplace_back();  // the caller's tensor, at the address in the key
+      scratch.push_back(std::move(s));
+    } else {
+      static_args[positions[i]] = wrapped;
+      entry->static_inputs.push_back(std::move(s));
+    }
   }
   if (!slot.capture_stream) slot.capture_stream = std::make_unique<OwnStream>(device);
   const c10::cuda::CUDAStream cs = slot.capture_stream->stream();
   fence(exec, cs);
   {
     c10::cuda::CUDAStreamGuard on_capture_stream(cs);
-    call(static_args);  // warm-up, outside the capture
+    call(warm_args);  // warm-up, outside the capture
+    // The scratch copies go when this returns, while the warm-up may still run on the capture stream.
+    for (const at::Tensor& s : scratch) c10::cuda::CUDACachingAllocator::recordStream(s.storage().data_ptr(), cs);
     // The call ran fine just now, so an error from here on is the capture's: warn, and let this
     // signature run without a graph from now on (a graph-less entry remembers that).
     std::string failure;
@@ -215,7 +237,9 @@ py::list replay(GraphEntry& entry, const std::vector<at::Tensor>& tensors, const
   {
     py::gil_scoped_release no_gil;
     at::NoGradGuard no_grad;
-    for (size_t i = 0; i < tensors.size(); ++i) entry.static_inputs[i].copy_(tensors[i], /*non_blocking=*/true);
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (entry.static_inputs[i].defined()) entry.static_inputs[i].copy_(tensors[i], /*non_blocking=*/true);
+    }
     entry.graph->replay(stream.stream());
     outputs.reserve(entry.static_outputs.size());
     for (const at::Tensor& out : entry.static_outputs) outputs.push_back(out.clone());

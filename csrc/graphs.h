@@ -1,6 +1,10 @@
 // CUDA graphs for Runner::run_graphed (CUDA build only): per execution slot and input signature, the
 // engine call is captured once on the slot's own stream, into a private memory pool, and replayed with
 // its inputs copied into the graph's static inputs and its outputs cloned out.
+//
+// Inputs the engine's code writes in place (a KV cache) are the exception: a graph replaying on a copy
+// would write the copy. Such an input is captured at its own address, which joins the signature: the
+// graph writes the caller's tensor itself, and a call passing another tensor there gets another graph.
 #pragma once
 
 #include "stream_bridge.h"
@@ -24,7 +28,7 @@ namespace py = pybind11;
 constexpr size_t kMaxGraphsPerSlot = 16;
 
 // The input signature a graph is captured for: per input a tag, then for tensors dtype, sizes and
-// strides, for Python scalars their value.
+// strides (and for a written input its address), for Python scalars their value.
 using GraphKey = std::vector<int64_t>;
 
 struct GraphKeyHash {
@@ -80,7 +84,9 @@ class OwnStream {
 
 struct GraphEntry {
   std::unique_ptr<PoolGraph> graph;  // declared first: destroyed after the tensors in its pool
-  std::vector<at::Tensor> static_inputs;  // one per tensor input, in input order
+  // One per tensor input, in input order; undefined for a written input (the graph uses the caller's
+  // own tensor, at the address in the key, and holds no reference to it).
+  std::vector<at::Tensor> static_inputs;
   std::vector<at::Tensor> static_outputs;
 };
 
@@ -93,23 +99,26 @@ struct SlotGraphs {
 
 // The tensors among the inputs and the signature key; nullopt when an input cannot be captured
 // (a CPU tensor, an overlapping or non-dense tensor, a Python object other than a scalar or None).
-std::optional<GraphKey> graph_key(const py::tuple& inputs, std::vector<at::Tensor>& tensors,
-                                  std::vector<Py_ssize_t>& positions);
+// written[i] != 0: input i is written by the engine's code (its address joins the key).
+std::optional<GraphKey> graph_key(const py::tuple& inputs, const std::vector<char>& written,
+                                  std::vector<at::Tensor>& tensors, std::vector<Py_ssize_t>& positions);
 
 // The engine call a graph captures, with the inputs given (Runner::invoke for the call's slot and
 // binding). Needs the GIL.
 using EngineCall = std::function<py::object(const py::tuple& inputs)>;
 
 // Capture `call` for this slot and input signature (`tensors` at `positions` of `inputs`, from
-// graph_key), ordered after `exec`; the entry is kept in `slot` under `key`. Returns nullptr, with a
-// RuntimeWarning, when the capture fails: the entry then remembers that this signature runs without a
-// graph. Needs the GIL.
-GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::vector<at::Tensor>& tensors,
-                    const std::vector<Py_ssize_t>& positions, c10::DeviceIndex device,
-                    const c10::cuda::CUDAStream& exec, SlotGraphs& slot, GraphKey key);
+// graph_key), ordered after `exec`; the entry is kept in `slot` under `key`. The warm-up run before the
+// capture computes on copies of every tensor input, written ones included, so that the caller's
+// tensors are written once, by the replay that follows. Returns nullptr, with a RuntimeWarning, when
+// the capture fails: the entry then remembers that this signature runs without a graph. Needs the GIL.
+GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::vector<char>& written,
+                    const std::vector<at::Tensor>& tensors, const std::vector<Py_ssize_t>& positions,
+                    c10::DeviceIndex device, const c10::cuda::CUDAStream& exec, SlotGraphs& slot, GraphKey key);
 
-// Replay `entry` on `stream` with `tensors` as its inputs; returns the outputs (cloned) as a list. The
-// copies, the replay and the clones run without the GIL.
+// Replay `entry` on `stream` with `tensors` as its inputs (copied into its static inputs, except the
+// written ones, which are the captured tensors themselves); returns the outputs (cloned) as a list.
+// The copies, the replay and the clones run without the GIL.
 py::list replay(GraphEntry& entry, const std::vector<at::Tensor>& tensors, const c10::cuda::CUDAStream& stream);
 
 }  // namespace torchtrt_ext

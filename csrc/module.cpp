@@ -69,7 +69,10 @@ PYBIND11_MODULE(_C, m) {
       .def("accept_all", &torchtrt_ext::WeightWatch::accept_all)
       .def("__len__", &torchtrt_ext::WeightWatch::size);
   py::class_<Runner>(m, "Runner")
-      .def(py::init<const std::string&, int64_t>(), py::arg("device"), py::arg("max_slots"))
+      .def(py::init<const std::string&, int64_t, const std::vector<int64_t>&>(), py::arg("device"), py::arg("max_slots"),
+           py::arg("written") = std::vector<int64_t>{},
+           "written: the inputs (by index) that the engine's code writes in place; CUDA graphs are captured on "
+           "them, per address, instead of on copies.")
       .def("run", &Runner::run, py::arg("fn"), py::arg("inputs"),
            "Call fn(inputs, slot) on the caller's current stream (or this thread's side stream when the "
            "caller is on the legacy default stream) and return its result.")

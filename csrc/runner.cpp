@@ -10,7 +10,13 @@
 
 namespace torchtrt_ext {
 
-Runner::Runner(const std::string& device, int64_t max_slots) : device_(device), pool_(max_slots) {
+Runner::Runner(const std::string& device, int64_t max_slots, const std::vector<int64_t>& written)
+    : device_(device), pool_(max_slots) {
+  for (int64_t i : written) {
+    if (i < 0) throw std::invalid_argument("written input index " + std::to_string(i) + " is negative");
+    if (static_cast<size_t>(i) >= written_.size()) written_.resize(i + 1, 0);
+    written_[i] = 1;
+  }
   if (device_.is_cuda()) {
     init_cuda();
   } else if (!device_.is_cpu()) {

@@ -16,7 +16,8 @@
 // Runner::run_graphed(fn, inputs) does the same, but replays CUDA graphs: per slot and per input
 // signature, fn is captured once (on the slot's own capture stream, after a warm-up run) and every
 // later call copies the inputs into the graph's static inputs, replays it and clones the outputs, all
-// with the GIL released, so callers on several threads and streams run concurrently (graphs.h).
+// with the GIL released, so callers on several threads and streams run concurrently (graphs.h). Inputs
+// that the code writes in place are not copied: their graphs are captured on them, per address.
 //
 // runner.cpp holds what every engine does (device checks, slots, bindings, the call itself);
 // runner_cuda.cpp the CUDA engines' half (streams, fences, graphs). The CPU build has no CUDA engine:
@@ -45,7 +46,9 @@ struct SlotGraphs;     // a CUDA engine's slot: its captured graphs (graphs.h)
 
 class TORCHTRT_EXT_HIDDEN Runner {
  public:
-  Runner(const std::string& device, int64_t max_slots);
+  // written: the inputs (by index) that the engine's code writes in place; run_graphed captures them
+  // at their own addresses (graphs.h).
+  Runner(const std::string& device, int64_t max_slots, const std::vector<int64_t>& written = {});
   Runner(const Runner&) = delete;
   Runner& operator=(const Runner&) = delete;
   ~Runner();  // with the CUDA half: CUDA engines wait for graph replays still running
@@ -133,6 +136,7 @@ class TORCHTRT_EXT_HIDDEN Runner {
   std::shared_ptr<std::vector<SlotGraphs>> graphs_;
   c10::Device device_;
   SlotPool pool_;
+  std::vector<char> written_;       // per input index: written in place by the engine's code
   std::shared_ptr<Bound> bound_;    // read and replaced under the GIL
   std::shared_ptr<Bound> retired_;  // the binding bind() replaced, until retire()
 };

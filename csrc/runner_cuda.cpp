@@ -87,7 +87,7 @@ py::object Runner::run_cuda(py::handle fn, const py::tuple& inputs) {
 py::object Runner::run_graphed_cuda(py::handle fn, const py::tuple& inputs) {
   std::vector<at::Tensor> tensors;
   std::vector<Py_ssize_t> positions;
-  std::optional<GraphKey> key = graph_key(inputs, tensors, positions);
+  std::optional<GraphKey> key = graph_key(inputs, written_, tensors, positions);
   const std::shared_ptr<Bound> bound = bound_;  // this call's binding, whatever bind() does meanwhile
   if (key) key->push_back(bound ? bound->weights_id : -1);  // graphs read these weights' addresses
   c10::cuda::CUDAGuard device_guard(device_.index());
@@ -107,7 +107,7 @@ py::object Runner::run_graphed_cuda(py::handle fn, const py::tuple& inputs) {
     } else if (slot.entries.size() < kMaxGraphsPerSlot) {
       const int64_t slot_index = grant.slot;
       const EngineCall call = [&](const py::tuple& args) { return invoke(fn, args, slot_index, bound.get()); };
-      entry = capture(call, inputs, tensors, positions, device_.index(), where.exec, slot, std::move(*key));
+      entry = capture(call, inputs, written_, tensors, positions, device_.index(), where.exec, slot, std::move(*key));
     } else if (!slot.warned_full) {
       slot.warned_full = true;
       const std::string message = "torchtrt_ext: an engine slot holds " + std::to_string(kMaxGraphsPerSlot) +

@@ -103,23 +103,33 @@ class _Accumulates(torch.nn.Module):
         return y.relu()
 
 
+@pytest.mark.parametrize("same_tensor", [True, False])
 @pytest.mark.parametrize("entry", ["backend", "wrapper"])
-def test_cuda_graphs_requested_for_a_graph_that_writes_its_inputs_keep_the_writes(entry):
-    """The runtime's graphs replay on copies of the inputs: an engine whose code writes its inputs runs
-    without graphs (with a warning) rather than lose the writes."""
+def test_cuda_graphs_capture_an_input_the_code_writes_at_its_own_address(entry, same_tensor):
+    """The runtime's graphs replay on copies of the inputs, except an input the code writes (a KV
+    cache): that one is captured at its own address, so the caller's tensor takes each call's writes
+    exactly once (the warm-up before a capture runs on a scratch copy). The same tensor again replays
+    the graph captured for it; another tensor gets its own graph."""
     torch.manual_seed(0)
     model = _Accumulates().cuda().eval()
     if entry == "backend":
         compiled = torch.compile(model, backend="torchtrt_ext", options={"cuda_graphs": True}, dynamic=False)
     else:
         compiled = torchtrt_ext.compile(model, cuda_graphs=True, dynamic_batch=False)
+    acc = torch.randn(8, 64, device="cuda")
+    expected_acc = acc.clone()
     with torch.no_grad():
         for _ in range(4):
-            x, acc = torch.randn(8, 64, device="cuda"), torch.randn(8, 64, device="cuda")
-            expected_acc = acc.clone()
+            x = torch.randn(8, 64, device="cuda")
+            if not same_tensor:
+                acc = torch.randn(8, 64, device="cuda")
+                expected_acc = acc.clone()
             expected = model(x, expected_acc)
             zoo.assert_matches(compiled(x, acc), expected, torch.float32)
             torch.testing.assert_close(acc, expected_acc, rtol=1e-5, atol=1e-5)
+    (engine,) = torchtrt_ext.engines_of(model)
+    assert engine.writes == (1,)
+    assert engine.graphs_captured == 1 if same_tensor else 1 <= engine.graphs_captured <= 4
 
 
 def test_static_cache_generate_with_cuda_graphs_equals_eager_on_both_routes():
@@ -135,10 +145,18 @@ def test_static_cache_generate_with_cuda_graphs_equals_eager_on_both_routes():
     mask[1, :4] = 0
     ids = ids.masked_fill(mask == 0, 0)
     greedy = dict(max_new_tokens=16, do_sample=False, cache_implementation="static")
+
+    def replayed(engines):  # the decode steps ran as graph replays: few captures, many calls
+        calls, captured = sum(e.calls for e in engines), sum(e.graphs_captured for e in engines)
+        assert 1 <= captured <= 4 < calls, (captured, calls)
+        assert any(e.writes for e in engines)  # the cache, written by the engines in place
+
     with torch.no_grad():
         expected = model.generate(ids, attention_mask=mask, **greedy).tolist()
         wrapped = torchtrt_ext.compile(model, cuda_graphs=True)
         assert wrapped.generate(ids, attention_mask=mask, **greedy).tolist() == expected
+        replayed(wrapped.engines)
         torch._dynamo.reset()
         model.forward = torch.compile(model.forward, backend="torchtrt_ext", options={"cuda_graphs": True})
         assert model.generate(ids, attention_mask=mask, **greedy).tolist() == expected
+        replayed([e for e in torchtrt_ext.engines_of(model) if e not in wrapped.engines])

@@ -64,19 +64,24 @@ def build_engine(
     like: an engine of the same graph; the new one computes with lifted's weights, sharing the compiled
     code where the engine kind can (a resident built-in engine), else compiled anew. writes: the inputs
     the compiled code writes in place, where the graph is not at hand (compiled code alone)."""
-    if settings.cuda_graphs and (writes or written_inputs(lifted)):
-        # The runtime's graphs replay on copies of the inputs (their static inputs): writes into the
-        # caller's tensors (a KV cache) would be lost. Such an engine runs without CUDA graphs.
+    kind = resolve_kind(settings)
+    writes = sorted({*writes, *written_inputs(lifted)})
+    if settings.cuda_graphs and writes and settings.weight_streaming:
+        # A streamed engine's graphs replay on copies of the inputs: writes into the caller's tensors
+        # (a KV cache) would be lost. Such an engine runs without CUDA graphs. (A resident engine's
+        # runtime captures written inputs at their own addresses instead.)
         log.warning(
             "torchtrt_ext: cuda_graphs=True: this graph writes some of its inputs in place (a KV cache, say), "
-            "which the runtime's CUDA graphs cannot pass back to the caller; it runs without CUDA graphs"
+            "which a weight-streaming engine's CUDA graphs cannot pass back to the caller; it runs without "
+            "CUDA graphs"
         )
         settings = settings.replace(cuda_graphs=False)
-    kind = resolve_kind(settings)
     if kind == "builtin" and settings.weight_streaming:
         if artifact is not None or keep_artifact:
             raise TorchTRTExtError("weight-streaming engines are compiled per segment; they have no compiled artifact")
-        return StreamedEngine(lifted, settings)  # owns its weights' copies: nothing to share with `like`
+        return StreamedEngine(lifted, settings, writes=writes)  # owns its weights' copies: nothing to share with `like`
     if kind == "builtin":
-        return BuiltinEngine(lifted, settings, artifact, keep_artifact, compiled_from=like if isinstance(like, BuiltinEngine) else None)
+        return BuiltinEngine(
+            lifted, settings, artifact, keep_artifact, compiled_from=like if isinstance(like, BuiltinEngine) else None, writes=writes
+        )
     raise EngineUnavailableError(f"engine kind {kind!r} is not available")  # pragma: no cover

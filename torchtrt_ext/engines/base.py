@@ -46,10 +46,15 @@ class Engine(abc.ABC):
     # it or from it; else None.
     artifact: bytes | None = None
 
-    def __init__(self, device: torch.device, settings: Settings, max_slots: int = DEFAULT_MAX_SLOTS):
+    def __init__(
+        self, device: torch.device, settings: Settings, max_slots: int = DEFAULT_MAX_SLOTS, writes: Sequence[int] = ()
+    ):
+        """writes: the inputs (by index) that the compiled code writes in place; with cuda_graphs, the
+        runtime captures them at their own addresses (one graph per address) instead of on copies."""
         self.device = device
         self.settings = settings
-        self._runner = Runner(str(device), max_slots)
+        self.writes = tuple(sorted(writes))
+        self._runner = Runner(str(device), max_slots, list(self.writes))
         # Held while the engine's weights change (refit, auto-refit): one change at a time.
         self.refit_lock = threading.RLock()
         # CUDA-graph mode: the runtime captures _execute per stream slot and input signature, and

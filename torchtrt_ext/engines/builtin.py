@@ -134,16 +134,18 @@ class BuiltinEngine(Engine):
         artifact: bytes | None = None,
         keep_artifact: bool = False,
         compiled_from: "BuiltinEngine | None" = None,
+        writes: Sequence[int] = (),
     ):
         """artifact: compiled code saved whole (Engine.artifact of an engine built before, from an
         engine cache entry): loaded and run; lifted.gm may then be None. keep_artifact: compile so that
         self.artifact holds the code saved whole (None, with a warning, where Inductor cannot save it).
         compiled_from: a resident engine of the same graph whose compiled code this one runs with its
-        own weights (lifted's), without compiling."""
+        own weights (lifted's), without compiling. writes: the inputs (by index) that the compiled
+        code writes in place (see Engine)."""
         device = engine_device(lifted)
         if settings.cuda_graphs and device.type != "cuda":
             raise TorchTRTExtError(f"cuda_graphs=True needs a CUDA engine, but this one runs on {device}")
-        super().__init__(device, settings)
+        super().__init__(device, settings, writes=writes)
         # The model's own tensors, weakly: the engine must not keep a model's weights alive (the
         # backend drops an engine when the weights it was built for die).
         self._model_tensors = [weakref.ref(w.tensor) for w in lifted.weights]

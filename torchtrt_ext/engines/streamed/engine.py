@@ -41,13 +41,18 @@ class StreamedEngine(Engine):
     kind = "builtin"
 
     def __init__(
-        self, lifted: LiftedGraph, settings: Settings, device: torch.device | None = None, segments: int = DEFAULT_SEGMENTS
+        self,
+        lifted: LiftedGraph,
+        settings: Settings,
+        device: torch.device | None = None,
+        segments: int = DEFAULT_SEGMENTS,
+        writes: Sequence[int] = (),
     ):
         """device: where to run (default: streaming_device; the CPU runs the same program with
         synchronous copies, which is how its logic is tested without a GPU). segments: how many
         parts the graph is cut into, at most."""
         device = streaming_device(lifted) if device is None else device
-        super().__init__(device, settings)
+        super().__init__(device, settings, writes=writes)
         self._names: dict[str, int] = {}
         for index, w in enumerate(lifted.weights):
             for name in (w.name, *w.aliases):
