@@ -162,18 +162,20 @@ def test_a_stale_entry_point_of_another_install_does_not_shadow_the_backend():
     to load when torch.compile resolves the name: importing the package takes the name over."""
     result = _run_fresh(
         """
+        import importlib.metadata as md
+        stale = md.EntryPoints([md.EntryPoint(
+            name="torchtrt_ext", value="torchtrt_ext.backend:torchtrt_ext_backend", group="torch_dynamo_backends")])
+        found = md.entry_points
+        md.entry_points = lambda **kw: stale if kw.get("group") == "torch_dynamo_backends" else found(**kw)
+
         import torch
-        from torch._dynamo.backends import registry
-
-        class Stale:
-            name, value = "torchtrt_ext", "torchtrt_ext.backend:torchtrt_ext_backend"
-            def load(self):
-                raise ModuleNotFoundError("No module named 'torchtrt_ext.backend'")
-
-        registry._lazy_import()
-        registry._BACKENDS["torchtrt_ext"] = Stale()
         import torchtrt_ext
-        assert registry.lookup_backend("torchtrt_ext") is torchtrt_ext.torchtrt_ext_backend
+        m = torch.nn.Linear(8, 8).eval()
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            out = torch.compile(m, backend="torchtrt_ext")(x)
+        torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)
+        assert torchtrt_ext.engines_of(m)
         print("ok")
         """
     )
@@ -206,6 +208,8 @@ _DYNAMO_WRITES = {
     "out=": lambda acc, y: torch.add(y, 1, out=acc),
     "function": lambda acc, y: torch.relu_(acc),
     "view": lambda acc, y: acc[:, 1:].zero_(),
+    ".data": lambda acc, y: acc.data.add_(y),  # .data has a version counter of its own
+    "foreach": lambda acc, y: torch._foreach_add_([acc], [y]),
 }
 
 
@@ -236,6 +240,20 @@ def test_the_inputs_a_dynamo_graph_writes_are_found_and_keep_the_writes(how):
             torch.testing.assert_close(acc, expected_acc)
     (engine,) = torchtrt_ext.engines_of(model)
     assert engine.writes == (1,)  # acc; x is read only
+
+
+def test_a_graph_dynamo_reuses_for_another_layer_keeps_its_writes():
+    """Dynamo compiles a layer's code once and calls that graph with each layer's weights; the engine
+    built for the second layer's weights (without the graph at hand) writes the same input."""
+    layers = [_WritesAcc("method").eval() for _ in range(2)]
+    with torch.no_grad():
+        for layer in layers:
+            x, acc = torch.randn(3, 4), torch.randn(3, 4)
+            expected_acc = acc.clone()
+            expected = layer(x, expected_acc)
+            torch.testing.assert_close(_compile(layer)(x, acc), expected)
+            torch.testing.assert_close(acc, expected_acc)
+    assert [e.writes for layer in layers for e in torchtrt_ext.engines_of(layer)] == [(1,), (1,)]
 
 
 def test_writes_to_a_dynamo_graphs_own_intermediates_are_not_writes_to_its_inputs():

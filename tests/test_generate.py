@@ -94,3 +94,64 @@ def test_lora_adapters_swapped_by_refit_generate_as_eager_with_no_recompile():
             assert any("q_proj" in name for name in report.updated)
             assert compiled.generate(ids, attention_mask=mask, **GREEDY).tolist() == expected[seed]
     assert compiled.variants == variants  # refit, not a recompile
+
+
+def _forced_compile_config():
+    """transformers' auto-compile of the model's __call__, which it does for a static cache on the GPU,
+    here on the CPU too."""
+    config = transformers.CompileConfig()
+    config._compile_all_devices = True
+    return config
+
+
+def test_wrapper_generate_under_transformers_own_compile_runs_the_engines():
+    """generate() with a compile config compiles the model's __call__ (on the GPU it does so unasked):
+    the wrapper's forward is never traced by that outer compile, so its engines still run each step."""
+    model = _llama()
+    ids, mask = _prompts()
+    expected = model.generate(ids, attention_mask=mask, **GREEDY)
+    compiled = torchtrt_ext.compile(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = compiled.generate(ids, attention_mask=mask, compile_config=_forced_compile_config(), **GREEDY)
+    assert got.tolist() == expected.tolist()
+    assert sum(e.calls for e in compiled.engines) >= GREEDY["max_new_tokens"]
+
+
+def test_wrapper_generate_turns_transformers_auto_compile_off_and_other_generates_are_untouched(monkeypatch):
+    """Around the engines transformers' auto-compile only adds dynamo's frame: the wrapper's generate()
+    turns it off (disable_compile), unless the caller asks for a compile. A generate() that is not
+    transformers' own gets its arguments as given."""
+    model = _llama()
+    ids, mask = _prompts()
+    seen = []
+    criteria = type(model)._valid_auto_compile_criteria
+
+    def recording(self, model_kwargs, generation_config):
+        seen.append(generation_config.disable_compile)
+        return criteria(self, model_kwargs, generation_config)
+
+    monkeypatch.setattr(type(model), "_valid_auto_compile_criteria", recording)
+    compiled = torchtrt_ext.compile(model)
+    with torch.no_grad():
+        compiled.generate(ids, attention_mask=mask, **GREEDY)
+        compiled.generate(ids, attention_mask=mask, disable_compile=False, **GREEDY)
+    assert seen == [True, False]
+
+    class OwnGenerate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+        def generate(self, x, steps):
+            for _ in range(steps):
+                x = self(x)
+            return x
+
+    own = OwnGenerate().eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(torchtrt_ext.compile(own).generate(x, steps=3), own.generate(x, steps=3))

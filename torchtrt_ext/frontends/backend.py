@@ -6,6 +6,7 @@ importing torchtrt_ext) and again on ``import torchtrt_ext``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import operator
 import threading
@@ -103,7 +104,8 @@ class DynamoGraph:
                 )
         slots = [lifting.WeightSlot(position, name, tensor) for (position, name), tensor in zip(self._weights, weights)]
         lifted = lifting.LiftedGraph(self._gm, list(args), slots, list(self._input_positions))
-        engine = build_engine(lifted, self._settings, like=self.engine)
+        # The graph is kept only for streamed engines: the first engine knows which inputs it writes.
+        engine = build_engine(lifted, self._settings, like=self.engine, writes=self.engine.writes)
         registry.add(engine, list(weights))
         return engine
 
@@ -154,15 +156,17 @@ def register() -> None:
     """Make backend="torchtrt_ext" resolvable, to this package's backend function. Idempotent, and safe
     alongside the entry point: the name is offered to dynamo's registry the way an entry point is, so
     that dynamo registers it exactly once (an entry point loaded first imports this package, which must
-    not register the name under it). An entry point that names another module (left by another install
-    of the package) is replaced, so that it cannot shadow this one."""
+    not register the name under it). Where an installed entry point of that name names another module
+    (left by another install of the package), the function is registered outright instead: dynamo then
+    never loads that entry point, which would fail or run other code."""
     from torch._dynamo.backends import registry as dynamo_registry
 
     if BACKEND_NAME in dynamo_registry._COMPILER_FNS:
         return
-    dynamo_registry._lazy_import()  # dynamo's discovery of entry points, which would overwrite ours later
-    found = dynamo_registry._BACKENDS.get(BACKEND_NAME)
-    if found is None or getattr(found, "value", _ENTRY_POINT) != _ENTRY_POINT:
+    installed = [ep.value for ep in importlib.metadata.entry_points(group="torch_dynamo_backends") if ep.name == BACKEND_NAME]
+    if any(value != _ENTRY_POINT for value in installed):
+        dynamo_registry.register_backend(compiler_fn=torchtrt_ext_backend, name=BACKEND_NAME)
+    elif dynamo_registry._BACKENDS.get(BACKEND_NAME) is None:
         dynamo_registry._BACKENDS[BACKEND_NAME] = _EntryPoint()
 
 

@@ -113,32 +113,33 @@ def _quiet_capture() -> Iterator[None]:
             _quiet_state["levels"] = [logging.getLogger(name).level for name in _QUIETED]
             for name, level in _QUIETED.items():
                 logging.getLogger(name).setLevel(level)
-            if not isinstance(sys.stderr, _HeldStderr):
+            if sys.stderr is not None and not isinstance(sys.stderr, _HeldStderr):
                 sys.stderr = _HeldStderr(sys.stderr)
         _quiet_state["depth"] += 1
-    stderr = sys.stderr
-    outer = isinstance(stderr, _HeldStderr) and stderr.hold()
+        stderr = sys.stderr
+    holding = isinstance(stderr, _HeldStderr) and stderr.hold()
+    failure: BaseException | None = None
     try:
         yield
     except BaseException as exc:
-        if outer:
-            held = stderr.release()
-            if hasattr(exc, "partial_fx_graph"):
-                log.debug("torchtrt_ext: torch.export failed; what it printed:\n%s", held)
-            else:
-                stderr.real.write(held)
-            outer = False
+        failure = exc
         raise
     finally:
-        if outer:
-            stderr.real.write(stderr.release())
-        with _quiet_lock:
-            _quiet_state["depth"] -= 1
-            if _quiet_state["depth"] == 0:
-                for name, level in zip(_QUIETED, _quiet_state.pop("levels")):
-                    logging.getLogger(name).setLevel(level)
-                if sys.stderr is stderr and isinstance(stderr, _HeldStderr):  # unless replaced since
-                    sys.stderr = stderr.real
+        try:
+            if holding:
+                held = stderr.release()
+                if failure is not None and hasattr(failure, "partial_fx_graph"):
+                    log.debug("torchtrt_ext: torch.export failed; what it printed:\n%s", held)
+                elif held:
+                    stderr.write_through(held)
+        finally:
+            with _quiet_lock:
+                _quiet_state["depth"] -= 1
+                if _quiet_state["depth"] == 0:
+                    for name, level in zip(_QUIETED, _quiet_state.pop("levels")):
+                        logging.getLogger(name).setLevel(level)
+                    if isinstance(sys.stderr, _HeldStderr):  # unless replaced since
+                        sys.stderr = sys.stderr.real
 
 
 class _HeldStderr:
@@ -159,6 +160,13 @@ class _HeldStderr:
     def release(self) -> str:
         parts, self._held.parts = self._held.parts, None
         return "".join(parts)
+
+    def write_through(self, text: str) -> None:
+        """Write to the real stream; a stream closed or gone meanwhile loses the text, not the capture."""
+        try:
+            self.real.write(text)
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def write(self, text: str) -> int:
         parts = getattr(self._held, "parts", None)

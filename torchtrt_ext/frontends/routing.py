@@ -24,6 +24,17 @@ def _routed_forward(compiled: Any, *args: Any, **kwargs: Any) -> Any:
     return compiled(*args, **kwargs)
 
 
+def _without_auto_compile(original: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers' generate() compiles the model's __call__ itself for a static cache on the GPU
+    (auto-compile). Around the engines that only adds dynamo's frame and a graph break per step (the
+    wrapper's forward is never traced): it is turned off, unless the caller asked for it (compile_config
+    or disable_compile, in the call or the model's generation config)."""
+    config = kwargs.get("generation_config") or getattr(original, "generation_config", None)
+    if "disable_compile" in kwargs or "compile_config" in kwargs or getattr(config, "compile_config", None) is not None:
+        return kwargs
+    return {**kwargs, "disable_compile": True}
+
+
 def call_routed(compiled: Any, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run one of the original's own methods with its forward calls sent through the engines:
     for the call, the model's instance attribute `forward` is this module's forward."""
@@ -34,6 +45,8 @@ def call_routed(compiled: Any, method: Callable[..., Any], *args: Any, **kwargs:
     # The model's own methods read forward's signature (generate builds attention masks and position
     # ids only for a forward that takes them): the routed forward shows the original's.
     routed.__signature__ = inspect.signature(original.forward)
+    if getattr(method, "__name__", None) == "generate" and getattr(method, "__module__", "").startswith("transformers."):
+        kwargs = _without_auto_compile(original, kwargs)
     original.__dict__["forward"] = routed
     try:
         return method(*args, **kwargs)

@@ -131,6 +131,10 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
             return functools.partial(routing.call_routed, self, value)  # generate(), encode(), ...
         return value
 
+    # Never traced by an outer torch.compile (transformers' generate() compiles the model's __call__ for a
+    # static cache on the GPU): the engines are the compiled code, and the wrapper's Python around them
+    # (signatures, weight following, variants) is not traceable. An outer compile breaks its graph here.
+    @torch._dynamo.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if routing.inside.depth:  # the model's forward, called from inside this one (capture, eager, dynamo)
             return type(self.original).forward(self.original, *args, **kwargs)
