@@ -19,7 +19,9 @@ What is measured, per model (one row):
   graph: compile_s_compile is the coldest of the three;
 * *_ms: median latency (call + synchronize) from benchmarks.timing.latency_ms, the variants
   interleaved; *_spread_pct: half the interquartile range relative to the median, in percent;
-* backend_ratio / wrapper_ratio: latency over torch.compile's (below 1: faster than the peer);
+* backend_ratio / wrapper_ratio: latency over torch.compile's (below 1: faster than the peer), taken
+  round by round (the variants' medians within one round of interleaved calls) and then the median
+  over the 15 rounds, so that a change in the host's load between rounds moves it less;
 * max_err_* / rel_err_*: max |out - eager| over all output tensors (a KV cache's tensors included)
   in float32, and that relative to max |eager| of the same tensor (the largest over tensors);
 * errors: the first line of the exception of any variant that failed (the others still run).
@@ -36,6 +38,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -286,7 +289,7 @@ def _bench_model(name: str, spec: Callable[[], tuple], device: torch.device, tin
         times = latency_ms({v: (lambda fn=fn: fn(*args, **kwargs)) for v, fn in fns.items()}, device, **timing)
     except Exception as exc:
         errors["timing"] = _first_line(exc)
-    ratios = {v: times[v]["latency"] / times["compile"]["latency"] for v in ("backend", "wrapper") if v in times and "compile" in times}
+    ratios = {v: _paired_ratio(times[v], times["compile"]) for v in ("backend", "wrapper") if v in times and "compile" in times}
     row = dict(head)
     for variant in ("eager",) + VARIANTS:
         if variant in times:
@@ -304,6 +307,13 @@ def _bench_model(name: str, spec: Callable[[], tuple], device: torch.device, tin
     return row, ratios
 
 
+def _paired_ratio(ours: dict, peer: dict) -> float:
+    """Latency over the peer's, round by round (each pair measured minutes apart at most, in the same
+    host state), then the median over rounds: the host's load moves between rounds, and this ratio
+    moves less with it than a ratio of two medians over the whole run."""
+    return statistics.median(a / b for a, b in zip(ours["round_latency"], peer["round_latency"]))
+
+
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -311,7 +321,7 @@ def _geomean(values: list[float]) -> float:
 def run(device: torch.device, quick: bool = False, models: list[str] | None = None) -> list[dict]:
     tiny = quick or device.type != "cuda"
     specs = _specs(tiny, _have_timm())
-    timing = dict(warmup=1, rounds=3, calls=3) if quick else dict(warmup=3, rounds=5, calls=5)
+    timing = dict(warmup=1, rounds=3, calls=3) if quick else dict(warmup=3, rounds=15, calls=5)
     rows: list[dict] = []
     both: list[dict] = []  # unrounded ratios of the models where backend and wrapper both ran
     for name in _selected(models, list(specs)):

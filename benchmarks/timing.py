@@ -18,7 +18,8 @@ def latency_ms(
     variants: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int = 5, rounds: int = 7, calls: int = 10
 ) -> dict[str, dict[str, float]]:
     """Per variant: 'latency' = median over calls of (call + synchronize), host overhead included;
-    'throughput' = median over rounds of the time per call when `calls` run back to back.
+    'throughput' = median over rounds of the time per call when `calls` run back to back;
+    'round_latency' = per round, the median of that round's calls (for ratios taken round by round).
 
     Rounds interleave the variants (A B C A B C ...), so clock and thermal drift hit all alike.
     """
@@ -46,6 +47,7 @@ def latency_ms(
             "throughput": statistics.median(batched[name]),
             "throughput_min": min(batched[name]),
             "latency_spread": _spread(single[name]),
+            "round_latency": [statistics.median(single[name][r * calls : (r + 1) * calls]) for r in range(rounds)],
         }
         for name in variants
     }

@@ -155,3 +155,17 @@ def test_wrapper_generate_turns_transformers_auto_compile_off_and_other_generate
     x = torch.randn(2, 4)
     with torch.no_grad():
         torch.testing.assert_close(torchtrt_ext.compile(own).generate(x, steps=3), own.generate(x, steps=3))
+
+
+def test_backend_route_under_transformers_own_compile_runs_the_engines():
+    """The backend route (model.forward compiled with this backend) under transformers' auto-compile of
+    __call__ (unasked on the GPU): the forward keeps its own backend, so the engines run each step."""
+    model = _llama()
+    ids, mask = _prompts()
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, **GREEDY)
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, backend="torchtrt_ext")
+        got = model.generate(ids, attention_mask=mask, compile_config=_forced_compile_config(), **GREEDY)
+    assert got.tolist() == expected.tolist()
+    assert sum(e.calls for e in torchtrt_ext.engines_of(model)) >= GREEDY["max_new_tokens"]
