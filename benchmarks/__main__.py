@@ -27,6 +27,7 @@ BENCHMARKS = {
     "files": ("benchmarks.bench_files", "run"),
     "engine_cache": ("benchmarks.bench_files", "run_cache"),
     "zoo": ("benchmarks.bench_zoo", "run"),
+    "llm": ("benchmarks.bench_llm", "run"),
 }
 
 
