@@ -17,6 +17,12 @@ bool is_written(const std::vector<char>& written, Py_ssize_t i) {
   return i < static_cast<Py_ssize_t>(written.size()) && written[i] != 0;
 }
 
+// The same memory seen the same way: address, dtype, sizes and strides.
+bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.defined() && b.defined() && a.data_ptr() == b.data_ptr() && a.scalar_type() == b.scalar_type() &&
+         a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
 // torch >= 2.13 wants to hear when a capture into a pool starts and ends; 2.11 has no such call.
 template <class Allocator>
 auto mark_capture(Allocator* a, c10::DeviceIndex device, bool begin, int) -> decltype(a->markCaptureBegin(device)) {
@@ -210,6 +216,17 @@ GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::
       if (entry->static_outputs.empty() && !outs.is_none() && py::len(outs) != 0) {
         throw std::runtime_error("the engine did not return a list of tensors");
       }
+      entry->output_source.assign(entry->static_outputs.size(), -1);
+      for (size_t j = 0; j < entry->static_outputs.size(); ++j) {
+        const at::Tensor& out = entry->static_outputs[j];
+        for (size_t k = 0; k < tensors.size(); ++k) {
+          if (is_written(written, positions[k]) && same_view(out, tensors[k])) {
+            entry->output_source[j] = static_cast<int64_t>(k);
+            entry->static_outputs[j] = at::Tensor();  // the caller's, not the graph's to hold
+            break;
+          }
+        }
+      }
       entry->graph = std::move(graph);
     } catch (py::error_already_set& e) {
       failure = e.what();
@@ -242,7 +259,10 @@ py::list replay(GraphEntry& entry, const std::vector<at::Tensor>& tensors, const
     }
     entry.graph->replay(stream.stream());
     outputs.reserve(entry.static_outputs.size());
-    for (const at::Tensor& out : entry.static_outputs) outputs.push_back(out.clone());
+    for (size_t j = 0; j < entry.static_outputs.size(); ++j) {
+      const int64_t source = entry.output_source[j];
+      outputs.push_back(source >= 0 ? tensors[source] : entry.static_outputs[j].clone());
+    }
   }
   py::list result(outputs.size());
   for (size_t i = 0; i < outputs.size(); ++i) {

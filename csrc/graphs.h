@@ -87,7 +87,11 @@ struct GraphEntry {
   // One per tensor input, in input order; undefined for a written input (the graph uses the caller's
   // own tensor, at the address in the key, and holds no reference to it).
   std::vector<at::Tensor> static_inputs;
+  // One per output. An output that is a written input itself (a KV cache the code updates and returns)
+  // is undefined here, and output_source names that input (its index among the tensor inputs): the
+  // replay returns the caller's own tensor, neither a clone nor a new address for the next call.
   std::vector<at::Tensor> static_outputs;
+  std::vector<int64_t> output_source;  // per output: -1, or the tensor input it is
 };
 
 // Per slot: its captured graphs and the stream captures happen on. Only the slot's holder touches it.

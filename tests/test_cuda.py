@@ -132,6 +132,39 @@ def test_cuda_graphs_capture_an_input_the_code_writes_at_its_own_address(entry, 
     assert engine.graphs_captured == 1 if same_tensor else 1 <= engine.graphs_captured <= 4
 
 
+class _AccumulatesAndReturns(_Accumulates):
+    def forward(self, x, acc):
+        y = self.fc(x)
+        acc.mul_(0.5).add_(y)
+        return y.relu(), acc  # the written input returned, as a model returns its KV cache
+
+
+@pytest.mark.parametrize("entry", ["backend", "wrapper"])
+def test_a_written_input_the_code_returns_comes_back_from_a_graph_as_the_callers_tensor(entry):
+    """A replay clones its outputs out of the graph's pool, except an output that is a written input
+    itself: that one is the caller's tensor (not a copy of a whole KV cache at each step, and not a new
+    address for the next call to capture another graph on)."""
+    torch.manual_seed(0)
+    model = _AccumulatesAndReturns().cuda().eval()
+    if entry == "backend":
+        compiled = torch.compile(model, backend="torchtrt_ext", options={"cuda_graphs": True}, dynamic=False)
+    else:
+        compiled = torchtrt_ext.compile(model, cuda_graphs=True, dynamic_batch=False)
+    acc = torch.randn(8, 64, device="cuda")
+    expected_acc = acc.clone()
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(8, 64, device="cuda")
+            got, expected = compiled(x, acc), model(x, expected_acc)
+            zoo.assert_matches(got[0], expected[0], torch.float32)
+            torch.testing.assert_close(acc, expected_acc, rtol=1e-5, atol=1e-5)
+            assert got[1].data_ptr() == acc.data_ptr()
+            if entry == "wrapper":
+                assert got[1] is acc
+    (engine,) = torchtrt_ext.engines_of(model)
+    assert engine.graphs_captured == 1
+
+
 def test_static_cache_generate_with_cuda_graphs_equals_eager_on_both_routes():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

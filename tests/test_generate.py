@@ -169,3 +169,26 @@ def test_backend_route_under_transformers_own_compile_runs_the_engines():
         got = model.generate(ids, attention_mask=mask, compile_config=_forced_compile_config(), **GREEDY)
     assert got.tolist() == expected.tolist()
     assert sum(e.calls for e in torchtrt_ext.engines_of(model)) >= GREEDY["max_new_tokens"]
+
+
+def test_each_decode_step_returns_the_cache_object_it_was_given_as_eager_does():
+    """The model returns the static cache it was passed, written in place; through the wrapper too
+    (not an object rebuilt from the cache's tensors at each step), so that the next step gets the
+    same tensors at the same addresses (what a CUDA graph captured on them replays on)."""
+    model = _llama()
+    ids, mask = _prompts()
+    compiled = torchtrt_ext.compile(model)
+    forward, returned = compiled.forward, []
+
+    def watching(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        given = [v for v in kwargs.values() if isinstance(v, transformers.Cache)]
+        back = [v for v in out.values() if isinstance(v, transformers.Cache)]
+        returned.append(len(given) == len(back) == 1 and given[0] is back[0])
+        return out
+
+    compiled.forward = watching
+    with torch.no_grad():
+        got = compiled.generate(ids, attention_mask=mask, **GREEDY)
+    assert got.tolist() == model.generate(ids, attention_mask=mask, **GREEDY).tolist()
+    assert len(returned) == GREEDY["max_new_tokens"] and all(returned[1:])  # every decode step

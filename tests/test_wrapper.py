@@ -261,3 +261,51 @@ def test_tied_weights_are_one_slot_with_both_names():
     with torch.no_grad():
         zoo.assert_matches(compiled(x), model(x), torch.float32)
     assert engine.memory().weight_bytes == (64 + 8) * 4
+
+
+class _Box:
+    """A cache-like object of the user's: a tensor written in place, a count fixed per structure."""
+
+    def __init__(self, t, size):
+        self.t, self.size = t, size
+
+
+torch.utils._pytree.register_pytree_node(
+    _Box,
+    lambda b: ([b.t], b.size),
+    lambda leaves, size: _Box(leaves[0], size),
+    serialized_type_name="tests._Box",
+    flatten_with_keys_fn=lambda b: ([(torch.utils._pytree.GetAttrKey("t"), b.t)], b.size),
+)
+
+
+class _UpdatesBox(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, box):
+        y = self.fc(x)
+        box.t.add_(y)  # written in place, and returned: as a model returns the KV cache it was given
+        return {"y": y.relu(), "box": box}
+
+
+def test_an_input_object_written_in_place_and_returned_comes_back_as_itself():
+    """Eager returns the very object it was given; so does the wrapper (no object rebuilt from its
+    leaves at each call, and the caller's object stays the one the next call gets)."""
+    model = _UpdatesBox().eval()
+    compiled = torchtrt_ext.compile(model)
+    with torch.no_grad():
+        box, twin = _Box(torch.randn(3, 4), 3), None
+        twin = _Box(box.t.clone(), 3)
+        for _ in range(3):
+            x = torch.randn(3, 4)
+            got, expected = compiled(x, box), model(x, twin)
+            assert got["box"] is box and expected["box"] is twin
+            torch.testing.assert_close(got["y"], expected["y"])
+            torch.testing.assert_close(box.t, twin.t)
+        other = _Box(torch.randn(4, 3).t(), 3)  # not dense: the code writes a copy, so a box is rebuilt
+        other_twin = _Box(other.t.clone(), 3)
+        got, expected = compiled(x, other), model(x, other_twin)
+        torch.testing.assert_close(got["box"].t, expected["box"].t)
+        torch.testing.assert_close(other.t, other_twin.t)

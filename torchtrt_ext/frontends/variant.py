@@ -12,6 +12,7 @@ import torch.utils._pytree as pytree
 from ..core import trees
 from ..core.signature import InputSignature
 from ..engines import Engine
+from . import passthrough
 
 log = logging.getLogger("torchtrt_ext")
 
@@ -45,6 +46,9 @@ class Variant:
         # or how to read it (a variant built from compiled code alone, from an engine file)
         self.read_exported: Callable[[], torch.export.ExportedProgram] | None = None
         self.from_cache = False  # built from an engine cache entry
+        # An input object that comes back among the outputs (a KV cache), found at a call (None: not
+        # looked for yet; False: none): passthrough.py.
+        self._passthrough: passthrough.Passthrough | bool | None = None
 
     @property
     def exported(self) -> torch.export.ExportedProgram | None:
@@ -76,7 +80,9 @@ class Variant:
             return None
         return binding
 
-    def __call__(self, flat: Sequence[Any]) -> Any:
+    def __call__(self, flat: Sequence[Any], tree: tuple[tuple, dict] | None = None) -> Any:
+        """Run on the flattened inputs; tree: the (args, kwargs) they came from, whose objects an
+        output may be (a KV cache written in place and returned)."""
         conformed = self.signature.conform(flat)
         outputs = self.engine(*conformed)
         if conformed is not flat:
@@ -89,6 +95,13 @@ class Variant:
                 for target, value in zip(self.updates, outputs):
                     (flat[target] if isinstance(target, int) else target).copy_(value)
             outputs = outputs[len(self.updates) :]
+        if tree is not None and conformed is flat:
+            if self._passthrough is None:
+                self._passthrough = passthrough.find(self.signature.in_spec, flat, self.out_spec, outputs) or False
+            if self._passthrough:
+                built = self._passthrough.build(flat, tree, outputs)
+                if built is not None:
+                    return built
         return pytree.tree_unflatten(outputs, self.out_spec)
 
 

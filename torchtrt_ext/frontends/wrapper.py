@@ -161,20 +161,20 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         flat, spec = pytree.tree_flatten((args, kwargs))
         last = self._last_hit  # a decode loop calls one variant again and again: checked first
         if last is not None and last.signature.mismatch(spec, flat) is None:
-            return last(flat)
+            return last(flat, (args, kwargs))
         for variant in self._variants:
             if variant is not last and variant.signature.mismatch(spec, flat) is None:
                 self._last_hit = variant
-                return variant(flat)
+                return variant(flat, (args, kwargs))
         with self._compile_lock:  # one compile per signature; threads that waited use its result
             for variant in self._variants:
                 if variant.signature.mismatch(spec, flat) is None:
-                    return variant(flat)
+                    return variant(flat, (args, kwargs))
             variant = self._add_variant(args, kwargs, flat, spec)
             if variant is None:
                 return self._dynamo(*args, **kwargs)
             try:
-                return variant(flat)
+                return variant(flat, (args, kwargs))
             except Exception:  # a variant that cannot run its own first call is not kept
                 self._variants.remove(variant)
                 self._raise_as_eager(args, kwargs)
