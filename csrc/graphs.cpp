@@ -195,9 +195,10 @@ GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::
   fence(exec, cs);
   {
     c10::cuda::CUDAStreamGuard on_capture_stream(cs);
-    call(warm_args);  // warm-up, outside the capture
-    // The scratch copies go when this returns, while the warm-up may still run on the capture stream.
+    // The scratch copies go when this returns (or throws), while the warm-up may still run on the
+    // capture stream: their memory is not reused before that stream's work so far is done.
     for (const at::Tensor& s : scratch) c10::cuda::CUDACachingAllocator::recordStream(s.storage().data_ptr(), cs);
+    call(warm_args);  // warm-up, outside the capture
     // The call ran fine just now, so an error from here on is the capture's: warn, and let this
     // signature run without a graph from now on (a graph-less entry remembers that).
     std::string failure;
@@ -234,6 +235,7 @@ GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::
       failure = e.what();
     }
     if (!failure.empty()) {
+      fence(cs, exec);  // the static copies, freed here, may still be read on the capture stream
       entry->static_outputs.clear();
       entry->static_inputs.clear();
       slot.entries.emplace(std::move(key), std::move(entry));

@@ -309,3 +309,46 @@ def test_an_input_object_written_in_place_and_returned_comes_back_as_itself():
         got, expected = compiled(x, other), model(x, other_twin)
         torch.testing.assert_close(got["box"].t, expected["box"].t)
         torch.testing.assert_close(other.t, other_twin.t)
+
+
+def test_with_an_engine_cache_the_first_call_writes_an_input_once(tmp_path):
+    """The engine cache runs a new engine once before storing it (to keep Inductor's autotuning): not
+    an engine whose code writes an input in place, which that run would write twice."""
+    model, twin = _UpdatesBox().eval(), _UpdatesBox().eval()
+    twin.load_state_dict(model.state_dict())
+    compiled = torchtrt_ext.compile(model, cache_dir=tmp_path)
+    with torch.no_grad():
+        box = _Box(torch.randn(3, 4), 3)
+        box_twin = _Box(box.t.clone(), 3)
+        x = torch.randn(3, 4)
+        compiled(x, box), twin(x, box_twin)
+    torch.testing.assert_close(box.t, box_twin.t)
+
+
+class _NewBoxAndOld(_UpdatesBox):
+    def forward(self, x, box):
+        out = super().forward(x, box)
+        return {"snapshot": _Box(box.t, box.size), **out}  # a new object of the same tensors, first
+
+
+class _NewBoxOnly(_UpdatesBox):
+    def forward(self, x, box):
+        return {"y": super().forward(x, box)["y"], "box": _Box(box.t, box.size)}
+
+
+@pytest.mark.parametrize("model_type", [_NewBoxAndOld, _NewBoxOnly])
+def test_a_new_object_made_of_an_inputs_tensors_comes_back_new_as_in_eager(model_type):
+    """Only an object the forward returns as itself comes back as the caller's: a new object holding
+    the same tensors is a new object through the wrapper too."""
+    model = model_type().eval()
+    compiled = torchtrt_ext.compile(model)
+    with torch.no_grad():
+        box, twin = _Box(torch.randn(3, 4), 3), None
+        twin = _Box(box.t.clone(), 3)
+        for _ in range(2):
+            x = torch.randn(3, 4)
+            got, expected = compiled(x, box), model(x, twin)
+            assert {k: v is box for k, v in got.items() if isinstance(v, _Box)} == {
+                k: v is twin for k, v in expected.items() if isinstance(v, _Box)
+            }
+            torch.testing.assert_close(box.t, twin.t)

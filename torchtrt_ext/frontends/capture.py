@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import itertools
 import re
@@ -62,6 +63,33 @@ def export(
         # captured with: an engine file then rebuilds calls as the model is called (args, kwargs).
         ep.module_call_graph[0].signature.in_spec = spec
         return ep
+
+
+@contextlib.contextmanager
+def returned_inputs(model: torch.nn.Module) -> Iterator[list[tuple]]:
+    """While a capture traces `model`, note which of its arguments (objects, not tensors or plain
+    containers) its forward returns as themselves, once: a KV cache given and handed back. Yields the
+    list of (side, key, offset): the place in (args, kwargs), (0, position) or (1, name), and the
+    index of the object's first leaf among the flattened outputs."""
+    found: list[tuple] = []
+
+    def note(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if found:  # the first call only (a traced forward runs once)
+            return
+        given = [((0, i), a) for i, a in enumerate(args)] + [((1, k), v) for k, v in kwargs.items()]
+        for where, value in given:
+            if value is None or isinstance(value, (torch.Tensor, tuple, list, dict, int, float, bool, str)):
+                continue
+            leaves = pytree.tree_leaves(output, is_leaf=lambda o, value=value: o is value)
+            at = [i for i, leaf in enumerate(leaves) if leaf is value]
+            if len(at) == 1:  # every other item there is one leaf of the outputs
+                found.append((*where, at[0]))
+
+    handle = model.register_forward_hook(note, with_kwargs=True)
+    try:
+        yield found
+    finally:
+        handle.remove()
 
 
 def share_structure(module: torch.nn.Module, model: torch.nn.Module) -> None:
@@ -227,6 +255,20 @@ def _dynamic(model: torch.nn.Module, args: tuple, kwargs: dict, dims: dict[int, 
         else:
             shapes[name] = batch(value)
     return shapes
+
+
+def raise_as_eager(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Where the model itself rejects these inputs (a wrong size or dtype), raise its own error, not
+    the symbolic one of a trace; return where eager takes them."""
+    try:  # on copies: the model may write into its inputs (a KV cache appends to itself)
+        args, kwargs = copy.deepcopy((args, kwargs))
+    except Exception:  # inputs that cannot be copied: no eager check
+        return
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*args, **kwargs)
+    except Exception as eager:
+        raise eager.with_traceback(None) from None
 
 
 @contextlib.contextmanager

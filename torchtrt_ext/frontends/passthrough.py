@@ -3,15 +3,17 @@ engine, and returned (as the model returns the very cache object it was given).
 
 Rebuilding such an object from its leaves at every call costs more than the call (transformers' generic
 unflatten of a 22-layer StaticCache: about 300 us on the host), and gives a new object each time where
-eager returns the caller's. A Passthrough found at one call (an output subtree whose leaves are the
-very tensors of an input subtree of the same structure, context included) returns the input object
-at later calls, for as long as the leaves stay the same tensors; anything else is rebuilt as before.
+eager returns the caller's. Which input objects the forward returns as themselves is seen while it is
+traced (capture.returned_inputs); a Passthrough, found at one call for such an object (the one output
+subtree whose leaves are the very tensors of the input's, structure and context the same), returns
+the input object at later calls, for as long as the leaves stay the same tensors; anything else is
+rebuilt as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import torch.utils._pytree as pytree
 
@@ -48,9 +50,13 @@ def _children(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
 _LEAF = getattr(pytree, "treespec_leaf", None) or pytree.LeafSpec
 
 
-def find(in_spec: pytree.TreeSpec, flat: Sequence[Any], out_spec: pytree.TreeSpec, outputs: Sequence[Any]) -> Passthrough | None:
-    """The first input argument (positional or keyword) that is a non-container object whose subtree
-    comes back whole among the outputs, leaf for leaf the same tensors."""
+def find(
+    in_spec: pytree.TreeSpec, flat: Sequence[Any], out_spec: pytree.TreeSpec, outputs: Sequence[Any], returned: Collection[tuple]
+) -> Passthrough | None:
+    """An input argument (positional or keyword) that the traced forward returned as itself (returned:
+    (0, position, output) or (1, name, output), output the index of its first leaf among the outputs),
+    whose subtree comes back there, leaf for leaf the same tensors, structure and context the same."""
+    offsets = {(side, key): output for side, key, output in returned}
     if in_spec.type is not tuple or in_spec.num_children != 2:
         return None
     args_spec, kwargs_spec = _children(in_spec)
@@ -59,13 +65,13 @@ def find(in_spec: pytree.TreeSpec, flat: Sequence[Any], out_spec: pytree.TreeSpe
     for side, spec, names in ((0, args_spec, None), (1, kwargs_spec, keys)):
         for i, child in enumerate(_children(spec)):
             start, offset = offset, offset + child.num_leaves
-            if child.is_leaf() or child.type in _CONTAINERS or child.num_leaves == 0:
+            where = (side, i if names is None else names[i])
+            if child.is_leaf() or child.type in _CONTAINERS or child.num_leaves == 0 or where not in offsets:
                 continue
             for out_start, out_child, path in _subtrees(out_spec, 0, ()):
-                if out_child == child and all(map(_same, outputs[out_start : out_start + child.num_leaves], flat[start:offset])):
-                    where = (side, i if names is None else names[i])
-                    reduced = _replace(out_spec, path)
-                    return Passthrough((start, offset), (out_start, out_start + child.num_leaves), where, reduced)
+                if out_start == offsets[where] and out_child == child:
+                    if all(map(_same, outputs[out_start : out_start + child.num_leaves], flat[start:offset])):
+                        return Passthrough((start, offset), (out_start, out_start + child.num_leaves), where, _replace(out_spec, path))
     return None
 
 

@@ -30,6 +30,7 @@ class Variant:
         updates: Sequence[torch.Tensor | int],
         description: dict,
         writes: Sequence[int] = (),
+        returned: Sequence[tuple] = (),
     ):
         self.engine = engine
         self.signature = signature
@@ -46,8 +47,10 @@ class Variant:
         # or how to read it (a variant built from compiled code alone, from an engine file)
         self.read_exported: Callable[[], torch.export.ExportedProgram] | None = None
         self.from_cache = False  # built from an engine cache entry
-        # An input object that comes back among the outputs (a KV cache), found at a call (None: not
-        # looked for yet; False: none): passthrough.py.
+        # The input objects that the traced forward returned as themselves (a KV cache), as (side, key,
+        # first output leaf), and how one comes back, found at a call (None: not looked for yet;
+        # False: none): passthrough.py.
+        self.returned = tuple(tuple(r) for r in returned)
         self._passthrough: passthrough.Passthrough | bool | None = None
 
     @property
@@ -95,14 +98,27 @@ class Variant:
                 for target, value in zip(self.updates, outputs):
                     (flat[target] if isinstance(target, int) else target).copy_(value)
             outputs = outputs[len(self.updates) :]
-        if tree is not None and conformed is flat:
+        if tree is not None and conformed is flat and self.returned:
             if self._passthrough is None:
-                self._passthrough = passthrough.find(self.signature.in_spec, flat, self.out_spec, outputs) or False
+                self._passthrough = passthrough.find(self.signature.in_spec, flat, self.out_spec, outputs, self.returned) or False
             if self._passthrough:
                 built = self._passthrough.build(flat, tree, outputs)
                 if built is not None:
                     return built
         return pytree.tree_unflatten(outputs, self.out_spec)
+
+
+def read_binding(binding: dict, inputs: int) -> tuple[list[str | int], list[int], list[tuple]]:
+    """The updates, written inputs and returned input objects that an engine file's binding holds
+    (ValueError, KeyError or TypeError where they are malformed)."""
+    updates = [u if isinstance(u, int) else str(u) for u in binding["updates"]]
+    writes = [int(i) for i in binding.get("writes", [])]  # caller inputs the compiled code writes
+    if any(not 0 <= i < inputs for i in writes):
+        raise ValueError(f"writes {writes} outside the {inputs} inputs")
+    returned = [tuple(r) for r in binding.get("returned", [])]
+    if any(not (len(r) == 3 and (r[0], type(r[1])) in ((0, int), (1, str)) and type(r[2]) is int) for r in returned):
+        raise ValueError(f"returned {returned}: each is [0, position, output] or [1, name, output]")
+    return updates, writes, returned
 
 
 def varying_dims(variants: Sequence[Variant], spec: pytree.TreeSpec, flat: Sequence[Any]) -> list[set[int]] | None:

@@ -10,7 +10,6 @@ call that fits none gets a new variant, up to ``max_variants``. When export cann
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import logging
@@ -32,7 +31,7 @@ from ..operations.program import CompiledProgram
 from . import capture, routing
 from .backend import torchtrt_ext_backend
 from .following import FollowsWeights
-from .variant import Variant, first_line, varying_dims
+from .variant import Variant, first_line, read_binding, varying_dims
 
 log = logging.getLogger("torchtrt_ext")
 
@@ -177,21 +176,8 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
                 return variant(flat, (args, kwargs))
             except Exception:  # a variant that cannot run its own first call is not kept
                 self._variants.remove(variant)
-                self._raise_as_eager(args, kwargs)
+                capture.raise_as_eager(self.original, args, kwargs)
                 raise
-
-    def _raise_as_eager(self, args: tuple, kwargs: dict) -> None:
-        """Where the model itself rejects these inputs (a wrong size or dtype), raise its own error,
-        not the symbolic one of a trace; return where eager takes them."""
-        try:  # on copies: the model may write into its inputs (a KV cache appends to itself)
-            args, kwargs = copy.deepcopy((args, kwargs))
-        except Exception:  # inputs that cannot be copied: no eager check
-            return
-        try:
-            with torch.no_grad(), capture.eval_mode(self.original):
-                self.original(*args, **kwargs)
-        except Exception as eager:
-            raise eager.with_traceback(None) from None
 
     def drop_variants(self, why: str) -> None:
         """Forget every compiled signature: the next call compiles for the model as it is now."""
@@ -274,10 +260,10 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
                 self._variants.append(variant)
                 return variant
         try:  # captured for dense inputs (a slice or transpose is copied: the code then takes any call)
-            with self.capturing():
+            with self.capturing(), capture.returned_inputs(self.original) as returned:
                 ep = capture.export(self.original, *pytree.tree_map(dense, (args, kwargs)), self.settings, varying_dims(self._variants, spec, flat))
         except Exception as exc:
-            self._raise_as_eager(args, kwargs)  # an input eager rejects: eager's own error
+            capture.raise_as_eager(self.original, args, kwargs)  # an input eager rejects: eager's own error
             if self.settings.frontend == "export" or not first:
                 raise
             log.warning(
@@ -289,9 +275,11 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
             )
             self._use_dynamo()
             return None
-        variant = self._variant_from_export(ep, spec, flat, keep_artifact=digest is not None)
+        variant = self._variant_from_export(ep, spec, flat, keep_artifact=digest is not None, returned=returned)
         if digest is not None:
-            if not variant.updates:  # one run first: Inductor's autotuning results then travel in the entry
+            # One run first, where it changes nothing (no buffer updates, no input written in place):
+            # Inductor's autotuning results then travel in the entry.
+            if not variant.updates and not variant.engine.writes:
                 with torch.no_grad():
                     variant.engine(*variant.signature.conform(flat))
             self._store_in_cache(digest, variant)
@@ -311,16 +299,20 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         spec: pytree.TreeSpec,
         flat: Sequence[Any] | None = None,
         keep_artifact: bool = False,
+        returned: Sequence[tuple] = (),
     ) -> Variant:
         """Build the engine of one exported graph (also for graphs loaded from an engine file).
-        keep_artifact: compile so that the engine keeps its compiled code saved whole (engine cache)."""
+        keep_artifact: compile so that the engine keeps its compiled code saved whole (engine cache).
+        returned: the input objects the traced forward returned as themselves (capture.returned_inputs)."""
         lifted = lifting.from_export(ep)
         if self.settings.weight_streaming and flat is not None:  # captured where the model is; compiled for the inputs' device
             for position, leaf in zip(lifted.input_positions, flat):
                 if isinstance(leaf, torch.Tensor):
                     lifted.example_args[position] = dense(leaf)
         signature = InputSignature(spec, [lifted.example_args[i] for i in lifted.input_positions], ep.range_constraints)
-        variant = self._make_variant(lifted, signature, ep.call_spec.out_spec, capture.updates(self.original, ep), keep_artifact=keep_artifact)
+        variant = self._make_variant(
+            lifted, signature, ep.call_spec.out_spec, capture.updates(self.original, ep), keep_artifact=keep_artifact, returned=returned
+        )
         variant.exported = ep
         return variant
 
@@ -345,16 +337,13 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
                 if problem is not None:
                     raise EngineFileError(f"compiled for other inputs ({problem})")
             lifted = lifting.bind(binding["lifted"], {**contents.values, **self._own_tensors()}, flat)
-            updates = [u if isinstance(u, int) else str(u) for u in binding["updates"]]
-            writes = [int(i) for i in binding.get("writes", [])]  # caller inputs the compiled code writes
-            if any(not 0 <= i < len(flat) for i in writes):
-                raise ValueError(f"writes {writes} outside the {len(flat)} inputs")
+            updates, writes, returned = read_binding(binding, len(flat))
             for u in updates:
                 if isinstance(u, str):
                     self.original.get_buffer(u)  # the model has it
         except (KeyError, TypeError, ValueError, AttributeError, TorchTRTExtError) as exc:
             raise EngineFileError(f"{contents.path}: the binding of graph {index} does not fit ({first_line(exc)})") from None
-        variant = self._make_variant(lifted, signature, out_spec, updates, artifact=artifact, writes=writes)
+        variant = self._make_variant(lifted, signature, out_spec, updates, artifact=artifact, writes=writes, returned=returned)
         variant.read_exported = functools.partial(contents.program, index)
         return variant
 
@@ -367,14 +356,15 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         artifact: bytes | None = None,
         keep_artifact: bool = False,
         writes: Sequence[int] = (),
+        returned: Sequence[tuple] = (),
     ) -> Variant:
         if not self.settings.weight_streaming:  # caller inputs the graph writes: written by the engine itself
             writes = sorted({*writes, *written_inputs(lifted)})
         engine = build_engine(lifted, self.settings, artifact, keep_artifact, writes=writes)
         registry.add(engine, [w.tensor for w in lifted.weights])
         resolved = [self.original.get_buffer(u) if isinstance(u, str) else int(u) for u in updates]
-        description = {"lifted": lifted.describe(), "updates": list(updates), "writes": list(writes)}
-        return Variant(engine, signature, out_spec, resolved, description, writes)
+        description = {"lifted": lifted.describe(), "updates": list(updates), "writes": list(writes), "returned": [list(r) for r in returned]}
+        return Variant(engine, signature, out_spec, resolved, description, writes, returned)
 
     def _own_tensors(self) -> dict[str, torch.Tensor]:
         """The model's parameters and buffers by every name (tied ones under each)."""
