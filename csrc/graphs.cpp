@@ -246,9 +246,26 @@ GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::
     }
   }
   fence(cs, exec);
+  entry->by_address = !scratch.empty();
   GraphEntry* raw = entry.get();
   slot.entries.emplace(std::move(key), std::move(entry));
   return raw;
+}
+
+bool evict_by_address(SlotGraphs& slot) {
+  auto oldest = slot.entries.end();
+  for (auto it = slot.entries.begin(); it != slot.entries.end(); ++it) {
+    if (it->second->by_address && (oldest == slot.entries.end() || it->second->last_use < oldest->second->last_use)) {
+      oldest = it;
+    }
+  }
+  if (oldest == slot.entries.end()) return false;
+  {
+    py::gil_scoped_release no_gil;
+    C10_CUDA_CHECK(cudaDeviceSynchronize());  // its pool's memory must not be handed out while it replays
+  }
+  slot.entries.erase(oldest);
+  return true;
 }
 
 py::list replay(GraphEntry& entry, const std::vector<at::Tensor>& tensors, const c10::cuda::CUDAStream& stream) {

@@ -92,6 +92,8 @@ struct GraphEntry {
   // replay returns the caller's own tensor, neither a clone nor a new address for the next call.
   std::vector<at::Tensor> static_outputs;
   std::vector<int64_t> output_source;  // per output: -1, or the tensor input it is
+  bool by_address = false;  // captured on a written input's own address (part of its key)
+  uint64_t last_use = 0;    // the slot's use count at its latest replay (for evict_by_address)
 };
 
 // Per slot: its captured graphs and the stream captures happen on. Only the slot's holder touches it.
@@ -99,7 +101,14 @@ struct SlotGraphs {
   std::unordered_map<GraphKey, std::unique_ptr<GraphEntry>, GraphKeyHash> entries;
   std::unique_ptr<OwnStream> capture_stream;
   bool warned_full = false;
+  uint64_t uses = 0;
 };
+
+// Make room in a full slot: drop the graph captured on a written input's address that replayed least
+// recently (a server that makes a new KV cache per request would otherwise fill the slot with graphs
+// of caches long gone, and run without graphs from then on). Waits for the device first, as the graph
+// may still replay there. False when no such graph is held. Needs the GIL (released while waiting).
+bool evict_by_address(SlotGraphs& slot);
 
 // The tensors among the inputs and the signature key; nullopt when an input cannot be captured
 // (a CPU tensor, an overlapping or non-dense tensor, a Python object other than a scalar or None).
