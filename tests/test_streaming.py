@@ -356,3 +356,42 @@ def test_fifty_streamed_engines_built_and_dropped_leave_no_stream_or_event():
         del engine
     gc.collect()
     assert (runtime.live_streams(), runtime.live_events()) == (streams, events)
+
+
+class _StreamedAccumulator(torch.nn.Module):
+    """Two layers whose weights stream, and an input written in place, as a decode step writes its
+    KV cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(256, 256), torch.nn.Linear(256, 64)
+
+    def forward(self, x, acc):
+        y = self.b(torch.relu(self.a(x)))
+        acc.mul_(0.5).add_(y)
+        return y.sigmoid()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("percent", [0, 50])
+def test_a_streamed_step_that_writes_its_input_is_one_graph_replayed_on_that_input(percent):
+    """weight_streaming with cuda_graphs over a graph that writes an input: a whole streamed step,
+    copies included, is one graph captured on the input's own address; the caller's tensor takes each
+    call's write once, and the same tensor replays the graph."""
+    torch.manual_seed(0)
+    model = _StreamedAccumulator().eval()  # on the host
+    gpu = _StreamedAccumulator().cuda().eval()
+    gpu.load_state_dict(model.state_dict())
+    acc = torch.randn(4, 64, device="cuda")
+    expected_acc = acc.clone()
+    streamed = torchtrt_ext.compile(
+        model, (torch.randn(4, 256, device="cuda"), acc.clone()), weight_streaming=True,
+        weight_streaming_budget=f"{percent}%", cuda_graphs=True, dynamic_batch=False,
+    )
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(4, 256, device="cuda")
+            zoo.assert_matches(streamed(x, acc), gpu(x, expected_acc), torch.float32)
+            torch.testing.assert_close(acc, expected_acc, rtol=1e-5, atol=1e-5)
+    (engine,) = streamed.engines
+    assert engine.writes == (1,) and engine.graphs_captured == 1

@@ -65,17 +65,9 @@ def build_engine(
     code where the engine kind can (a resident built-in engine), else compiled anew. writes: the inputs
     the compiled code writes in place, where the graph is not at hand (compiled code alone)."""
     kind = resolve_kind(settings)
+    # The inputs the compiled code writes in place (a KV cache): the runtime's CUDA graphs capture
+    # those at their own addresses instead of on copies (both engine kinds run through it).
     writes = sorted({*writes, *written_inputs(lifted)})
-    if settings.cuda_graphs and writes and settings.weight_streaming:
-        # A streamed engine's graphs replay on copies of the inputs: writes into the caller's tensors
-        # (a KV cache) would be lost. Such an engine runs without CUDA graphs. (A resident engine's
-        # runtime captures written inputs at their own addresses instead.)
-        log.warning(
-            "torchtrt_ext: cuda_graphs=True: this graph writes some of its inputs in place (a KV cache, say), "
-            "which a weight-streaming engine's CUDA graphs cannot pass back to the caller; it runs without "
-            "CUDA graphs"
-        )
-        settings = settings.replace(cuda_graphs=False)
     if kind == "builtin" and settings.weight_streaming:
         if artifact is not None or keep_artifact:
             raise TorchTRTExtError("weight-streaming engines are compiled per segment; they have no compiled artifact")
