@@ -190,6 +190,8 @@ GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::
       entry->static_inputs.push_back(std::move(s));
     }
   }
+  entry->by_address = !scratch.empty();  // a failed capture too: evictable like the others
+  entry->last_use = ++slot.uses;
   if (!slot.capture_stream) slot.capture_stream = std::make_unique<OwnStream>(device);
   const c10::cuda::CUDAStream cs = slot.capture_stream->stream();
   fence(exec, cs);
@@ -246,23 +248,26 @@ GraphEntry* capture(const EngineCall& call, const py::tuple& inputs, const std::
     }
   }
   fence(cs, exec);
-  entry->by_address = !scratch.empty();
   GraphEntry* raw = entry.get();
   slot.entries.emplace(std::move(key), std::move(entry));
   return raw;
 }
 
-bool evict_by_address(SlotGraphs& slot) {
+bool evict_by_address(SlotGraphs& slot, const c10::cuda::CUDAStream& exec) {
   auto oldest = slot.entries.end();
   for (auto it = slot.entries.begin(); it != slot.entries.end(); ++it) {
     if (it->second->by_address && (oldest == slot.entries.end() || it->second->last_use < oldest->second->last_use)) {
       oldest = it;
     }
   }
-  if (oldest == slot.entries.end()) return false;
+  // Only a graph out of use for a while: caches taken in turn, more of them than the slot holds,
+  // would otherwise evict at every call (a wait, a warm-up and a capture each); they run without.
+  if (oldest == slot.entries.end() || slot.uses - oldest->second->last_use < kEvictAfterUses) return false;
   {
     py::gil_scoped_release no_gil;
-    C10_CUDA_CHECK(cudaDeviceSynchronize());  // its pool's memory must not be handed out while it replays
+    // Every replay of this slot's graphs is ordered before the work on `exec` so far (a slot that
+    // served another stream was fenced on it): once that is done, its pool can be handed out.
+    C10_CUDA_CHECK(cudaStreamSynchronize(exec.stream()));
   }
   slot.entries.erase(oldest);
   return true;

@@ -24,8 +24,10 @@ namespace torchtrt_ext {
 
 namespace py = pybind11;
 
-// How many input signatures one slot captures before further signatures run without graphs.
+// How many input signatures one slot captures before further signatures run without graphs (or, for
+// graphs captured on written inputs' addresses, one unused for kEvictAfterUses calls makes room).
 constexpr size_t kMaxGraphsPerSlot = 16;
+constexpr uint64_t kEvictAfterUses = 2 * kMaxGraphsPerSlot;
 
 // The input signature a graph is captured for: per input a tag, then for tensors dtype, sizes and
 // strides (and for a written input its address), for Python scalars their value.
@@ -105,10 +107,11 @@ struct SlotGraphs {
 };
 
 // Make room in a full slot: drop the graph captured on a written input's address that replayed least
-// recently (a server that makes a new KV cache per request would otherwise fill the slot with graphs
-// of caches long gone, and run without graphs from then on). Waits for the device first, as the graph
-// may still replay there. False when no such graph is held. Needs the GIL (released while waiting).
-bool evict_by_address(SlotGraphs& slot);
+// recently, if it has not for kEvictAfterUses calls (a server that makes a new KV cache per request
+// would otherwise fill the slot with graphs of caches long gone, and run without graphs from then on).
+// Waits for `exec` first (the slot's latest work, its replays included). False when no graph may go.
+// Needs the GIL (released while waiting).
+bool evict_by_address(SlotGraphs& slot, const c10::cuda::CUDAStream& exec);
 
 // The tensors among the inputs and the signature key; nullopt when an input cannot be captured
 // (a CPU tensor, an overlapping or non-dense tensor, a Python object other than a scalar or None).

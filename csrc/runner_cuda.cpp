@@ -104,7 +104,7 @@ py::object Runner::run_graphed_cuda(py::handle fn, const py::tuple& inputs) {
     auto found = slot.entries.find(*key);
     if (found != slot.entries.end()) {
       if (found->second->graph) entry = found->second.get();  // else: this signature failed to capture
-    } else if (slot.entries.size() < kMaxGraphsPerSlot || evict_by_address(slot)) {
+    } else if (slot.entries.size() < kMaxGraphsPerSlot || evict_by_address(slot, where.exec)) {
       const int64_t slot_index = grant.slot;
       const EngineCall call = [&](const py::tuple& args) { return invoke(fn, args, slot_index, bound.get()); };
       entry = capture(call, inputs, written_, tensors, positions, device_.index(), where.exec, slot, std::move(*key));
