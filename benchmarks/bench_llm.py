@@ -54,9 +54,14 @@ def _lm(shape: dict, dtype: torch.dtype, device: torch.device) -> torch.nn.Modul
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**shape, pad_token_id=0, eos_token_id=None, bos_token_id=None)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in its dtype: a 7B model in float32 first would take 29 GB
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
