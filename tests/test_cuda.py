@@ -214,5 +214,7 @@ def test_static_cache_generate_with_cuda_graphs_equals_eager_on_both_routes():
         replayed(wrapped.engines)
         torch._dynamo.reset()
         model.forward = torch.compile(model.forward, backend="torchtrt_ext", options={"cuda_graphs": True})
-        assert model.generate(ids, attention_mask=mask, **greedy).tolist() == expected
+        # as the README says for this route: transformers' own compile of __call__ would wrap the
+        # compiled forward once more (tests/test_generate.py runs that combination on the CPU)
+        assert model.generate(ids, attention_mask=mask, disable_compile=True, **greedy).tolist() == expected
         replayed([e for e in torchtrt_ext.engines_of(model) if e not in wrapped.engines])
