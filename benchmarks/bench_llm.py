@@ -39,6 +39,7 @@ from torch._dynamo.utils import counters
 
 import torchtrt_ext
 
+from .bench_zoo import first_line
 from .models import LLAMA_CONFIG
 from .timing import sync
 
@@ -100,10 +101,6 @@ def _timed(call: Callable[[], Any], device: torch.device, repeats: int) -> float
         sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
-
-
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
 
 
 class _Routes:
@@ -206,7 +203,7 @@ def _resident_part(device: torch.device, quick: bool) -> list[dict]:
                 one = _timed(lambda: _generate(generate, ids, mask, 1), device, repeats)
                 full = _timed(lambda: _generate(generate, ids, mask, new), device, repeats)
             except Exception as exc:  # a peer that fails is reported, and the others still run
-                row["error"] = _first_line(exc)
+                row["error"] = first_line(exc)
                 rows.append(row)
                 print(row, flush=True)
                 continue

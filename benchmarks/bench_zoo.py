@@ -212,7 +212,7 @@ def _errors(out: Any, ref: Any) -> tuple[float, float]:
     return abs_err, rel_err
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     return text if len(text) <= 150 else text[:147] + "..."
 
@@ -273,7 +273,7 @@ def _bench_model(name: str, spec: Callable[[], tuple], device: torch.device, tin
             sync(device)
             found[f"compile_s_{variant}"] = round(time.perf_counter() - start, 1)
         except Exception as exc:  # recorded in the row; the other variants and models go on
-            errors[variant] = _first_line(exc)
+            errors[variant] = first_line(exc)
             continue
         fns[variant] = fn
         if variant == "wrapper":
@@ -282,13 +282,13 @@ def _bench_model(name: str, spec: Callable[[], tuple], device: torch.device, tin
             abs_err, rel_err = _errors(fn(*args, **kwargs), ref)
             found[f"max_err_{variant}"], found[f"rel_err_{variant}"] = _e(abs_err), _e(rel_err)
         except Exception as exc:
-            errors[variant] = _first_line(exc)
+            errors[variant] = first_line(exc)
     del ref
     times: dict[str, dict] = {}
     try:
         times = latency_ms({v: (lambda fn=fn: fn(*args, **kwargs)) for v, fn in fns.items()}, device, **timing)
     except Exception as exc:
-        errors["timing"] = _first_line(exc)
+        errors["timing"] = first_line(exc)
     ratios = {v: _paired_ratio(times[v], times["compile"]) for v in ("backend", "wrapper") if v in times and "compile" in times}
     row = dict(head)
     for variant in ("eager",) + VARIANTS:
@@ -331,7 +331,7 @@ def run(device: torch.device, quick: bool = False, models: list[str] | None = No
             with torch.no_grad():
                 row, ratios = _bench_model(name, specs[name], device, tiny, timing)
         except Exception as exc:  # the model itself (build, eager call) failed
-            row, ratios = {"model": name, "errors": f"eager: {_first_line(exc)}"}, {}
+            row, ratios = {"model": name, "errors": f"eager: {first_line(exc)}"}, {}
         rows.append(row)
         if len(ratios) == 2:
             both.append(ratios)

@@ -105,6 +105,13 @@ class _Accumulates(torch.nn.Module):
         return y.relu()
 
 
+def _with_cuda_graphs(model, entry):
+    """The model compiled with cuda_graphs=True and static shapes, through one entry point."""
+    if entry == "backend":
+        return torch.compile(model, backend="torchtrt_ext", options={"cuda_graphs": True}, dynamic=False)
+    return torchtrt_ext.compile(model, cuda_graphs=True, dynamic_batch=False)
+
+
 @pytest.mark.parametrize("same_tensor", [True, False])
 @pytest.mark.parametrize("entry", ["backend", "wrapper"])
 def test_cuda_graphs_capture_an_input_the_code_writes_at_its_own_address(entry, same_tensor):
@@ -114,10 +121,7 @@ def test_cuda_graphs_capture_an_input_the_code_writes_at_its_own_address(entry, 
     the graph captured for it; another tensor gets its own graph."""
     torch.manual_seed(0)
     model = _Accumulates().cuda().eval()
-    if entry == "backend":
-        compiled = torch.compile(model, backend="torchtrt_ext", options={"cuda_graphs": True}, dynamic=False)
-    else:
-        compiled = torchtrt_ext.compile(model, cuda_graphs=True, dynamic_batch=False)
+    compiled = _with_cuda_graphs(model, entry)
     acc = torch.randn(8, 64, device="cuda")
     expected_acc = acc.clone()
     with torch.no_grad():
@@ -169,10 +173,7 @@ def test_a_written_input_the_code_returns_comes_back_from_a_graph_as_the_callers
     address for the next call to capture another graph on)."""
     torch.manual_seed(0)
     model = _AccumulatesAndReturns().cuda().eval()
-    if entry == "backend":
-        compiled = torch.compile(model, backend="torchtrt_ext", options={"cuda_graphs": True}, dynamic=False)
-    else:
-        compiled = torchtrt_ext.compile(model, cuda_graphs=True, dynamic_batch=False)
+    compiled = _with_cuda_graphs(model, entry)
     acc = torch.randn(8, 64, device="cuda")
     expected_acc = acc.clone()
     with torch.no_grad():

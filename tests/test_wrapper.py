@@ -279,6 +279,11 @@ torch.utils._pytree.register_pytree_node(
 )
 
 
+def _box_and_twin(t):
+    """A box holding t, and one holding a copy of t (for the eager run)."""
+    return _Box(t, 3), _Box(t.clone(), 3)
+
+
 class _UpdatesBox(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -296,16 +301,14 @@ def test_an_input_object_written_in_place_and_returned_comes_back_as_itself():
     model = _UpdatesBox().eval()
     compiled = torchtrt_ext.compile(model)
     with torch.no_grad():
-        box, twin = _Box(torch.randn(3, 4), 3), None
-        twin = _Box(box.t.clone(), 3)
+        box, twin = _box_and_twin(torch.randn(3, 4))
         for _ in range(3):
             x = torch.randn(3, 4)
             got, expected = compiled(x, box), model(x, twin)
             assert got["box"] is box and expected["box"] is twin
             torch.testing.assert_close(got["y"], expected["y"])
             torch.testing.assert_close(box.t, twin.t)
-        other = _Box(torch.randn(4, 3).t(), 3)  # not dense: the code writes a copy, so a box is rebuilt
-        other_twin = _Box(other.t.clone(), 3)
+        other, other_twin = _box_and_twin(torch.randn(4, 3).t())  # not dense: the code writes a copy, so a box is rebuilt
         got, expected = compiled(x, other), model(x, other_twin)
         torch.testing.assert_close(got["box"].t, expected["box"].t)
         torch.testing.assert_close(other.t, other_twin.t)
@@ -318,8 +321,7 @@ def test_with_an_engine_cache_the_first_call_writes_an_input_once(tmp_path):
     twin.load_state_dict(model.state_dict())
     compiled = torchtrt_ext.compile(model, cache_dir=tmp_path)
     with torch.no_grad():
-        box = _Box(torch.randn(3, 4), 3)
-        box_twin = _Box(box.t.clone(), 3)
+        box, box_twin = _box_and_twin(torch.randn(3, 4))
         x = torch.randn(3, 4)
         compiled(x, box), twin(x, box_twin)
     torch.testing.assert_close(box.t, box_twin.t)
@@ -343,8 +345,7 @@ def test_a_new_object_made_of_an_inputs_tensors_comes_back_new_as_in_eager(model
     model = model_type().eval()
     compiled = torchtrt_ext.compile(model)
     with torch.no_grad():
-        box, twin = _Box(torch.randn(3, 4), 3), None
-        twin = _Box(box.t.clone(), 3)
+        box, twin = _box_and_twin(torch.randn(3, 4))
         for _ in range(2):
             x = torch.randn(3, 4)
             got, expected = compiled(x, box), model(x, twin)

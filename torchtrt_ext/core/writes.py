@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -65,19 +65,26 @@ def _by_schema(lifted: LiftedGraph) -> list[int]:
         schema = getattr(node.target, "_schema", None)
         if schema is None:
             continue
-        given = list(zip(schema.arguments, node.args))
-        given += [(a, node.kwargs[a.name]) for a in schema.arguments if a.name in node.kwargs]
         aliased = None
-        for argument, value in given:
-            info = argument.alias_info  # on a list argument too (Tensor(a!)[])
-            for item in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(item, torch.fx.Node) and item in owner and info is not None:
-                    if info.is_write:
-                        written.add(owner[item])
-                    aliased = owner[item]  # a view or an in-place result aliases its input
+        for info, item in _aliased_items(schema, node.args, node.kwargs):
+            if isinstance(item, torch.fx.Node) and item in owner:
+                if info.is_write:
+                    written.add(owner[item])
+                aliased = owner[item]  # a view or an in-place result aliases its input
         if aliased is not None and any(r.alias_info is not None for r in schema.returns):
             owner[node] = aliased
     return sorted(written)
+
+
+def _aliased_items(schema: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """(alias info, value) for every value an op's call passes to an argument that its schema says
+    aliases (a view) or is written: positional or keyword (out=), each item of a list argument
+    (Tensor(a!)[], as _foreach_add_ takes)."""
+    given = list(zip(schema.arguments, args)) + [(a, kwargs[a.name]) for a in schema.arguments if a.name in kwargs]
+    for argument, value in given:
+        if argument.alias_info is not None:
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                yield argument.alias_info, item
 
 
 def _by_fake_run(lifted: LiftedGraph) -> list[int]:
@@ -135,12 +142,7 @@ class _WriteRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         schema = getattr(func, "_schema", None)
         if schema is not None:
-            given = list(zip(schema.arguments, args))
-            given += [(a, kwargs[a.name]) for a in schema.arguments if a.name in kwargs]
-            for argument, value in given:
-                if argument.alias_info is None or not argument.alias_info.is_write:
-                    continue
-                for item in value if isinstance(value, (list, tuple)) else (value,):
-                    if isinstance(item, torch.Tensor):
-                        self.written.add(StorageWeakRef(item.untyped_storage()))
+            for info, item in _aliased_items(schema, args, kwargs):
+                if info.is_write and isinstance(item, torch.Tensor):
+                    self.written.add(StorageWeakRef(item.untyped_storage()))
         return func(*args, **kwargs)

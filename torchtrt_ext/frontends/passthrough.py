@@ -13,6 +13,7 @@ rebuilt as before.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Collection, Iterator, Sequence
 
 import torch.utils._pytree as pytree
@@ -31,14 +32,10 @@ class Passthrough:
         """The outputs with the input object in place of its subtree; None where a leaf differs."""
         a, b = self.inputs
         c, d = self.outputs
-        if not all(map(_same, outputs[c:d], flat[a:b])):
+        if not all(map(operator.is_, outputs[c:d], flat[a:b])):
             return None
         obj = tree[self.where[0]][self.where[1]]
         return pytree.tree_unflatten([*outputs[:c], obj, *outputs[d:]], self.spec)
-
-
-def _same(x: Any, y: Any) -> bool:
-    return x is y
 
 
 def _children(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
@@ -70,7 +67,7 @@ def find(
                 continue
             for out_start, out_child, path in _subtrees(out_spec, 0, ()):
                 if out_start == offsets[where] and out_child == child:
-                    if all(map(_same, outputs[out_start : out_start + child.num_leaves], flat[start:offset])):
+                    if all(map(operator.is_, outputs[out_start : out_start + child.num_leaves], flat[start:offset])):
                         return Passthrough((start, offset), (out_start, out_start + child.num_leaves), where, _replace(out_spec, path))
     return None
 
