@@ -3,6 +3,7 @@ engines with a static KV cache, against eager generate() and torch.compile in th
 floors measured in the same run.
 
     python -m benchmarks llm --out DIR [--quick]          # LLM_PARTS=tokens,resident,streamed
+                                                          # LLM_VARIANTS=backend,wrapper (resident routes)
 
 Parts (one table, a "part" column; each part builds its own model, random weights, nothing downloaded):
 * tokens: greedy tokens of both entry points against eager generate(), 64 new tokens, batch 1 and
@@ -189,6 +190,9 @@ def _resident_part(device: torch.device, quick: bool) -> list[dict]:
     if device.type == "cuda":
         variants = {"eager": "eager", "torch.compile (transformers' auto-compile)": "transformers_compile",
                     "torch.compile (forward, default mode)": "compile_default", **variants}
+    only = [v.strip() for v in os.environ.get("LLM_VARIANTS", "").split(",") if v.strip()]  # routes, eager kept
+    if only:
+        variants = {label: route for label, route in variants.items() if route == "eager" or route in only}
     rows, reference = [], None
     with torch.no_grad():
         for label, route in variants.items():
