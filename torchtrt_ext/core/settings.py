@@ -13,11 +13,14 @@ from typing import Any, Mapping
 
 import torch
 
+from .calibration import CalibrationCache
 from .errors import OptionError
 
 ENGINE_KINDS = ("auto", "builtin", "tensorrt")
 FRONTENDS = ("auto", "export", "dynamo")
 REFIT_MODES = ("none", "refit", "identical")
+PRECISIONS = ("model", "int8", "fp8")
+COVERAGE = ("error", "warn")
 
 
 def _option(
@@ -70,6 +73,24 @@ class Settings:
         "('40%') or 'auto' (what fits in free device memory now, less 1 GiB); changeable at run time with "
         "torchtrt_ext.weight_streaming(model)",
     )
+    precision: str = _option(
+        "model",
+        "the linear layers' arithmetic: 'model' (or None: the model's own dtype), 'int8' or 'fp8' (e4m3): "
+        "weights quantized per output channel, activations per tensor with the ranges in `calibration`; "
+        "built-in engine. The engine owns the quantized weights; the model's stay as they are",
+        choices=PRECISIONS,
+    )
+    calibration: "CalibrationCache | str | None" = _option(
+        None,
+        "with precision 'int8' or 'fp8': the activation ranges, a CalibrationCache (torchtrt_ext.calibrate) "
+        "or the path of a saved one",
+    )
+    calibration_coverage: str = _option(
+        "error",
+        "with precision 'int8' or 'fp8', a linear layer the calibration has no range for: 'error' (a "
+        "CalibrationError naming them) or 'warn' (a warning naming them; they run at the model's dtype)",
+        choices=COVERAGE,
+    )
     frontend: str = _option(
         "auto",
         "how the drop-in wrapper captures the graph: 'export' (torch.export), 'dynamo' (torch.compile's "
@@ -96,8 +117,12 @@ class Settings:
     def __post_init__(self) -> None:
         if isinstance(self.cache_dir, os.PathLike):
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        if self.precision is None:
+            object.__setattr__(self, "precision", "model")
+        object.__setattr__(self, "calibration", _calibration(self.calibration))
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
+        _check_quantization(self)
         if self.cache_dir:  # the README's "~/.cache/torchtrt_ext" is the user's home, not a folder named "~"
             object.__setattr__(self, "cache_dir", os.path.expanduser(self.cache_dir))
         if not self.weight_streaming and self.weight_streaming_budget != "auto":
@@ -143,8 +168,17 @@ class Settings:
                 raise OptionError(_unknown_message(name))
         return dataclasses.replace(self, **changes)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether engines quantize their linear layers (precision 'int8' or 'fp8')."""
+        return self.precision != "model"
+
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (JSON data): the calibration as its text, which Settings(calibration=...) reads."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if values["calibration"] is not None:
+            values["calibration"] = values["calibration"].dumps()
+        return values
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -214,7 +248,49 @@ def _unknown_message(name: Any) -> str:
     return f"unknown option {name!r}.{hint} Valid options: {', '.join(option_names())}"
 
 
+def _calibration(value: Any) -> CalibrationCache | None:
+    """The calibration option as a cache: a CalibrationCache as is, a path loaded, a cache's text (as
+    Settings.as_dict writes it) read. A file that cannot be read is a CalibrationError naming it."""
+    if value is None or isinstance(value, CalibrationCache):
+        return value
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise OptionError(
+            f"option 'calibration' must be a CalibrationCache, the path of a saved one, or None, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    if "\n" in value:
+        return CalibrationCache.loads(value, "<the calibration option's text>")
+    if not os.path.isfile(os.path.expanduser(value)):
+        raise OptionError(f"option 'calibration': no file {value!r}; pass a CalibrationCache or the path of a saved one")
+    return CalibrationCache.load(value)
+
+
+def _check_quantization(s: Settings) -> None:
+    """The options that go with precision, checked together."""
+    if not s.quantized:
+        for name, default in (("calibration", None), ("calibration_coverage", "error")):
+            if getattr(s, name) != default:
+                raise OptionError(f"option {name!r} applies only with precision 'int8' or 'fp8' (precision is 'model')")
+        return
+    if s.calibration is None:
+        raise OptionError(
+            f"precision={s.precision!r} needs calibration=: a CalibrationCache from torchtrt_ext.calibrate(model, "
+            "batches), or the path of a saved one"
+        )
+    for name, value, why in (
+        ("engine", s.engine == "tensorrt", "quantized engines are built-in engines; use engine='builtin' or 'auto'"),
+        ("weight_streaming", s.weight_streaming, "weight streaming of quantized engines is not supported yet"),
+        ("cache_dir", bool(s.cache_dir), "the engine cache does not keep quantized engines yet; leave cache_dir=''"),
+    ):
+        if value:
+            raise OptionError(f"option {name!r} does not go with precision={s.precision!r}: {why}")
+
+
 def _check_value(f: dataclasses.Field, value: Any) -> None:
+    if f.name == "calibration":
+        return  # checked (and loaded) by _calibration
     expected = {"bool": bool, "int": int, "str": str, "int | str": (int, str)}[f.type]
     # bool is a subclass of int: an int option refuses True/False, a bool option refuses 0/1.
     if not isinstance(value, expected) or (expected in (int, (int, str)) and isinstance(value, bool)):

@@ -28,7 +28,7 @@ def auto_choice() -> str:
 
 def resolve_kind(settings: Settings) -> str:
     """The engine kind to build: settings.engine, with 'auto' resolved. Says at INFO (once) what auto chose."""
-    if settings.engine == "builtin":
+    if settings.engine == "builtin" or settings.quantized:  # quantized engines are built-in ones (Settings refuses 'tensorrt')
         return "builtin"
     reason = tensorrt.unavailable_reason()
     if settings.engine == "tensorrt":
