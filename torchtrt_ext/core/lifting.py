@@ -164,7 +164,7 @@ def from_export(ep: torch.export.ExportedProgram) -> LiftedGraph:
     """Lift an ExportedProgram: parameters, buffers and tensor constants become weights."""
     from torch.export.graph_signature import InputKind
 
-    gm = _own_copy(ep.graph_module)  # what lifting and compiling do to the graph stays off the program
+    gm = own_copy(ep.graph_module)  # what lifting and compiling do to the graph stays off the program
     nodes = _placeholders(gm)
     specs = ep.graph_signature.input_specs
     if len(nodes) != len(specs):
@@ -192,7 +192,7 @@ def from_export(ep: torch.export.ExportedProgram) -> LiftedGraph:
     return _merge_tied(LiftedGraph(gm, example_args, weights, inputs))
 
 
-def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A GraphModule with its own copy of the graph (nodes and their meta dicts), sharing the rest."""
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))  # graph_copy returns what the output node returned

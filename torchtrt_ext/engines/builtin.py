@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..core import lifting
+from ..core import lifting, quantize_pass
 from ..core.errors import RefitError, TorchTRTExtError
 from ..core.inductor import CONFIG_PATCHES, compile_graph
 from ..core.lifting import LiftedGraph
@@ -153,6 +153,11 @@ class BuiltinEngine(Engine):
         for index, w in enumerate(lifted.weights):
             for name in (w.name, *w.aliases):
                 self._names[name] = index
+        # precision 'int8'/'fp8': the graph's linear layers quantized, their quantized weights appended
+        # to the table (the engine's own, unnamed: a refit names the float weight, which they follow).
+        self.quantization: quantize_pass.QuantPlan | None = None
+        if settings.quantized:
+            lifted, self.quantization = _quantized(lifted, settings, artifact, compiled_from)
         # The weight table: detached aliases of the model's tensors, in index order.
         self._table = [w.tensor.detach() for w in lifted.weights]
         self._weight_positions = [w.position for w in lifted.weights]
@@ -229,6 +234,21 @@ class BuiltinEngine(Engine):
         return self._table + (self._spare or [])
 
     def load_weights(self, values: Mapping[int, torch.Tensor]) -> None:
+        self._load({**values, **self._requantized(values)})
+
+    def _requantized(self, values: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """A quantized engine: the new values of the quantized weights made from these weights (quantized
+        as the table will hold them, on the engine's device)."""
+        if self.quantization is None:
+            return {}
+        out: dict[int, torch.Tensor] = {}
+        for index, value in values.items():
+            if self.quantization.quantized_indices(index) is not None:
+                value = value.to(device=self.device, dtype=self._table[index].dtype)
+                out.update(self.quantization.requantize(index, value))
+        return out
+
+    def _load(self, values: Mapping[int, torch.Tensor]) -> None:
         if not values:
             return
         if self.settings.refit_double_buffer:
@@ -271,14 +291,14 @@ class BuiltinEngine(Engine):
         #    the model takes the new values too (its state_dict, an eager call), copied from the active
         #    buffer. Calls that started before the switch may still read that memory on other streams:
         #    the copy waits until they end (retire), or they would compute with a mix of old and new.
-        shared = [i for i in values if _same_memory(self._spare[i], self._model_tensors[i]())]
+        shared = [i for i in values if i < len(self._model_tensors) and _same_memory(self._spare[i], self._model_tensors[i]())]
         if shared:
             self._runner.retire()
             copy_weights([self._spare[i] for i in shared], [self._table[i] for i in shared])
             self._spare_stale.difference_update(shared)
 
     def follow(self, values: Mapping[int, torch.Tensor]) -> None:
-        load: dict[int, torch.Tensor] = {}
+        load = self._requantized(values)  # even where the engine reads the changed memory in place
         repointed = False
         for index, tensor in values.items():
             current = self._table[index]
@@ -305,12 +325,29 @@ class BuiltinEngine(Engine):
             if self.settings.cuda_graphs:
                 self._runner.clear_graphs()  # graphs read the old addresses
             self._bind(fence=False)
-        if load:
-            self.load_weights(load)
+        self._load(load)
 
     def memory(self) -> MemoryUse:
         model = [t for t in (r() for r in self._model_tensors) if t is not None]
         return weight_memory(self.device, self._table + (self._spare or []), model)
+
+
+def _quantized(
+    lifted: LiftedGraph, settings: Settings, artifact: bytes | None, compiled_from: "BuiltinEngine | None"
+) -> tuple[LiftedGraph, quantize_pass.QuantPlan | None]:
+    """The graph quantized (settings.precision), and its plan."""
+    if compiled_from is not None:
+        plan = compiled_from.quantization
+        if plan is not None and plan.sources:
+            raise TorchTRTExtError(
+                "dynamo reused a quantized graph for other weights (a graph break inside a layer that the model "
+                "repeats), but the graph holds the first layer's activation scales; compile with "
+                "torchtrt_ext.compile (torch.export), or remove the graph break"
+            )
+        return lifted, plan
+    if artifact is not None or lifted.gm is None:
+        raise TorchTRTExtError("a quantized engine is built from its graph, not from compiled code alone")
+    return quantize_pass.quantize_graph(lifted, settings.precision, settings.calibration, settings.calibration_coverage)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor | None) -> bool:
