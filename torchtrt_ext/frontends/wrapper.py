@@ -26,6 +26,7 @@ from ..core.settings import Settings
 from ..core.signature import InputSignature, dense
 from ..engines import Engine, build_engine, resolve_kind
 from ..operations import engine_cache, files
+from ..operations.calibrate import check_fingerprint
 from ..operations.program import CompiledProgram
 from . import capture, routing
 from .backend import torchtrt_ext_backend
@@ -424,6 +425,8 @@ def compile(
         raise TypeError(f"torchtrt_ext.compile takes an nn.Module, got {type(module).__name__}")
     settings = Settings.from_options(options)
     resolve_kind(settings)  # an unusable engine kind fails here, before any tracing
+    if settings.calibration is not None:
+        check_fingerprint(settings.calibration, module)
     compiled = CompiledModule(module, settings)
     if example_inputs is not None or example_kwargs is not None:
         if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):

@@ -49,6 +49,19 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+def check_fingerprint(cache: CalibrationCache, model: torch.nn.Module) -> None:
+    """A CalibrationError where `cache` was recorded for another model (its fingerprint differs: another
+    structure, parameter shapes or dtypes); a cache without a fingerprint ('-', as TensorRT's format
+    reads) is taken as it is."""
+    if cache.model_fingerprint in ("-", fingerprint(model)):
+        return
+    raise CalibrationError(
+        f"the calibration cache was recorded for another model (fingerprint {cache.model_fingerprint}, but "
+        f"this {type(model).__name__} is {fingerprint(model)}: another structure, parameter shapes or dtypes); "
+        "calibrate this model with torchtrt_ext.calibrate"
+    )
+
+
 class _Histogram:
     """|x| of one tensor across batches: its maximum and a histogram over [0, edge)."""
 

@@ -77,6 +77,11 @@ def save(compiled: Any, path: str, include_weights: bool = True) -> int:
         )
     if compiled.settings.weight_streaming:
         raise TorchTRTExtError("saving weight-streaming engines is not supported yet; save a resident compile")
+    if compiled.settings.quantized:
+        raise TorchTRTExtError(
+            f"saving quantized engines (precision={compiled.settings.precision!r}) is not supported yet; save a "
+            "compile at the model's precision, and keep the calibration cache (CalibrationCache.save) beside it"
+        )
     return write_variants(compiled, compiled.variants, path, include_weights)
 
 
