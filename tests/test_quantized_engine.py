@@ -375,3 +375,48 @@ def test_refit_requantizes_new_weights_with_the_same_activation_scales(precision
     assert not torch.equal(out, first)
     for k, v in model.state_dict().items():
         assert torch.equal(v, new[k])  # the model holds the new float weights
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_refit_double_buffered_and_in_place_changes_requantize(precision):
+    model = _mlp()
+    cache = _cache(model, _mlp_batches())
+    x = _mlp_input()
+    compiled = torchtrt_ext.compile(model, (x,), precision=precision, calibration=cache, engine="builtin", refit_double_buffer=True)
+    torchtrt_ext.refit(compiled, _mlp(seed=6).state_dict())
+    assert torch.equal(compiled(x), reference(_mlp(seed=6), cache, precision, lambda m: m(x)))
+    model.up.weight.mul_(0.5)  # written in place: the wrapper follows, the quantized copy with it
+    expected = _mlp(seed=6)
+    expected.up.weight.data.mul_(0.5)
+    assert torch.equal(compiled(x), reference(expected, cache, precision, lambda m: m(x)))
+
+
+def test_wrapper_through_dynamo_quantizes_too():
+    model = _mlp()
+    cache = _cache(model, _mlp_batches())
+    x = _mlp_input()
+    compiled = torchtrt_ext.compile(model, (x,), precision="int8", calibration=cache, engine="builtin", frontend="dynamo")
+    assert torch.equal(compiled(x), reference(model, cache, "int8", lambda m: m(x)))
+    assert [e.quantization.layers for e in compiled.engines] == [tuple(MLP_LAYERS)]
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return torch.relu(self.fc(x))
+
+
+def test_backend_graph_inside_a_repeated_layer_is_never_quantized_silently():
+    """After a graph break inside a layer, dynamo's graph names the layer relative to it ('fc') and
+    serves every layer with it: no cache entry has that name, so it is an error naming it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Block(), _Block()).eval()
+    cache = _cache(model, [(torch.randn(2, 8),)])
+    assert cache.names() == ["0.fc:input", "1.fc:input"]
+    compiled = torch.compile(model, backend="torchtrt_ext", options={"precision": "int8", "calibration": cache})
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="'fc:input'"):
+        compiled(torch.randn(2, 8))
