@@ -420,3 +420,19 @@ def test_backend_graph_inside_a_repeated_layer_is_never_quantized_silently():
     compiled = torch.compile(model, backend="torchtrt_ext", options={"precision": "int8", "calibration": cache})
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="'fc:input'"):
         compiled(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_backend_engine_for_replaced_weights_quantizes_them(precision):
+    """The backend builds another engine (sharing the compiled code) when the model's weights are
+    replaced by new tensors: it quantizes those, with the same activation scales."""
+    model = _mlp()
+    cache = _cache(model, _mlp_batches())
+    x = _mlp_input()
+    compiled = torch.compile(model, backend="torchtrt_ext", options={"precision": precision, "calibration": cache})
+    compiled(x)
+    other = _mlp(seed=7)
+    model.load_state_dict(other.state_dict(), assign=True)  # new Parameter objects
+    assert torch.equal(compiled(x), reference(other, cache, precision, lambda m: m(x)))
+    engines = torchtrt_ext.engines_of(model)
+    assert [e.quantization.layers for e in engines] == [tuple(MLP_LAYERS)]

@@ -337,14 +337,13 @@ def _quantized(
 ) -> tuple[LiftedGraph, quantize_pass.QuantPlan | None]:
     """The graph quantized (settings.precision), and its plan."""
     if compiled_from is not None:
+        # Compiled code shared with an engine of the same graph, for other tensors at the same places
+        # (the backend: weights replaced, another instance of the model): its plan quantizes these
+        # weights, with the activation scales of the layers of those names. (A graph that dynamo serves
+        # several layers with, after a graph break inside a repeated layer, names them relative to the
+        # layer, which a model's calibration names never are: quantize_graph refused it already.)
         plan = compiled_from.quantization
-        if plan is not None and plan.sources:
-            raise TorchTRTExtError(
-                "dynamo reused a quantized graph for other weights (a graph break inside a layer that the model "
-                "repeats), but the graph holds the first layer's activation scales; compile with "
-                "torchtrt_ext.compile (torch.export), or remove the graph break"
-            )
-        return lifted, plan
+        return (plan.extend(lifted) if plan is not None and plan.sources else lifted), plan
     if artifact is not None or lifted.gm is None:
         raise TorchTRTExtError("a quantized engine is built from its graph, not from compiled code alone")
     return quantize_pass.quantize_graph(lifted, settings.precision, settings.calibration, settings.calibration_coverage)
