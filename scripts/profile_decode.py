@@ -40,4 +40,14 @@ with torch.no_grad():
     prof = cProfile.Profile()
     torch.cuda.synchronize(); prof.enable(); run(33); torch.cuda.synchronize(); prof.disable()
     st = pstats.Stats(prof); st.sort_stats("tottime").print_stats(25)
-    st.sort_stats("cumulative").print_stats(30)
+    # The GPU's side of the same steps: kernels per step, their time, and the host's launch calls.
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        run(17)
+        torch.cuda.synchronize()
+    events = p.key_averages()
+    print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    kernels = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    print(f"{len(kernels)} GPU events over 17 new tokens (prefill included); GPU busy "
+          f"{sum(e.device_time for e in kernels) / 1e3:.2f} ms")
