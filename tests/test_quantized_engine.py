@@ -290,6 +290,22 @@ def test_fingerprint_mismatch_is_an_error():
     torchtrt_ext.compile(other, (_mlp_input(),), precision="int8", calibration=anonymous, engine="builtin")
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_cache_recorded_in_float32_serves_the_bfloat16_model(precision):
+    """Calibrate once in float32, deploy in another dtype: the fingerprint is the structure and the
+    shapes, not the dtype."""
+    model = _mlp()
+    cache = _cache(model, _mlp_batches())
+    low = _mlp().to(torch.bfloat16)
+    x = _mlp_input().to(torch.bfloat16)
+    compiled = torchtrt_ext.compile(low, (x,), precision=precision, calibration=cache, engine="builtin")
+    out = compiled(x)
+    assert out.dtype == torch.bfloat16
+    expected = reference(low, cache, precision, lambda m: m(x))
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    assert cosine(out, low(x)) >= 0.99
+
+
 def test_schema_version_mismatch_is_an_error(tmp_path):
     model = _mlp()
     path = tmp_path / "v2.calib"

@@ -38,26 +38,27 @@ def quantizable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """The model's structure: each module's name and class, each parameter's and buffer's name, shape
-    and dtype. The same architecture at any weights (and on any device) has the same fingerprint."""
+    """The model's structure: each module's name and class, each parameter's and buffer's name and
+    shape. The same architecture at any weights, on any device and in any dtype has the same
+    fingerprint: a calibration recorded on the float32 model serves its fp16 or bf16 copy."""
     h = hashlib.sha256()
     for name, module in model.named_modules():
         h.update(f"m {name} {type(module).__module__}.{type(module).__qualname__}\n".encode())
     for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
         for name, t in items:
-            h.update(f"{kind} {name} {tuple(t.shape)} {t.dtype}\n".encode())
+            h.update(f"{kind} {name} {tuple(t.shape)}\n".encode())
     return h.hexdigest()[:32]
 
 
 def check_fingerprint(cache: CalibrationCache, model: torch.nn.Module) -> None:
     """A CalibrationError where `cache` was recorded for another model (its fingerprint differs: another
-    structure, parameter shapes or dtypes); a cache without a fingerprint ('-', as TensorRT's format
+    structure or parameter shapes); a cache without a fingerprint ('-', as TensorRT's format
     reads) is taken as it is."""
     if cache.model_fingerprint in ("-", fingerprint(model)):
         return
     raise CalibrationError(
         f"the calibration cache was recorded for another model (fingerprint {cache.model_fingerprint}, but "
-        f"this {type(model).__name__} is {fingerprint(model)}: another structure, parameter shapes or dtypes); "
+        f"this {type(model).__name__} is {fingerprint(model)}: another structure or parameter shapes); "
         "calibrate this model with torchtrt_ext.calibrate"
     )
 
