@@ -6,8 +6,13 @@ one op with a schema rather than the arithmetic spelled out.
 
 x in the model's dtype; q_weight int8 or float8_e4m3fn, (out_features, in_features), per-channel
 float32 w_scales; x_scale the per-tensor activation scale (a Python float, baked into the graph).
-Implemented for the CPU by quantize.linear_reference, and for meta/fake tensors (shapes only). The
-CUDA kernels (torch._scaled_mm rowwise, torch._int_mm) come with the GPU measurements.
+Implemented for the CPU by quantize.linear_reference, for meta/fake tensors (shapes only), and for
+CUDA by the GPU's low-precision matrix products: fp8 through torch._scaled_mm with row-wise scales (the
+activation's per-tensor scale for every row, the weight's per-channel scales; bfloat16 out, the only
+output row-wise scaling takes), int8 through torch._int_mm (int32 accumulation: exact up to K of
+about 130k) scaled in float32. Both quantize the activation with quantize.quantize_activation, as the
+reference does. Shapes the kernels refuse (int8: fewer than 17 rows, which the rows are padded to;
+sizes not multiples of 16) run the reference arithmetic on the GPU instead.
 """
 
 from __future__ import annotations
@@ -49,3 +54,29 @@ def quantized_linear(
 def _(x, q_weight, w_scales, x_scale, bias, out_dtype):
     _check(x, q_weight, w_scales, bias)
     return x.new_empty((*x.shape[:-1], q_weight.shape[0]), dtype=out_dtype)
+
+
+@quantized_linear.register_kernel("cuda")
+def _(x, q_weight, w_scales, x_scale, bias, out_dtype):
+    _check(x, q_weight, w_scales, bias)
+    fmt = _FORMAT_OF[q_weight.dtype]
+    n, k = q_weight.shape
+    if k % 16 or n % 16:  # the kernels' alignment
+        return quantize.linear_reference(x, q_weight, w_scales, x_scale, bias, fmt, out_dtype)
+    q_x = quantize.quantize_activation(x.reshape(-1, k), x_scale, fmt)
+    m = q_x.shape[0]
+    if fmt.dtype == torch.int8:
+        rows = max(m, _INT_MM_MIN_ROWS)
+        if rows != m:
+            q_x = torch.cat([q_x, q_x.new_zeros(rows - m, k)])
+        acc = torch._int_mm(q_x, q_weight.t())[:m]
+        y = acc.float() * (w_scales * x_scale)
+    else:
+        scale_a = torch.full((m, 1), x_scale, dtype=torch.float32, device=x.device)
+        y = torch._scaled_mm(q_x, q_weight.t(), scale_a=scale_a, scale_b=w_scales.view(1, n), out_dtype=torch.bfloat16)
+    if bias is not None:
+        y = y.float() + bias.float()
+    return y.reshape(*x.shape[:-1], n).to(out_dtype)
+
+
+_INT_MM_MIN_ROWS = 17  # torch._int_mm takes more than 16 rows
