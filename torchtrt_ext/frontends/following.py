@@ -14,6 +14,7 @@ import torch
 from ..core import registry
 from ..core.errors import RefitError
 from ..core.file_layout import host_view, tensor_bytes
+from ..core.sequences import SequenceGate
 from . import capture
 
 
@@ -25,6 +26,7 @@ class FollowsWeights:
         """Watch every parameter and buffer slot of `module` (capture.watch_weights)."""
         self._watch, self._watched, self._watched_names = capture.watch_weights(module)
         self._weights_lock = threading.RLock()
+        self._sequences = SequenceGate()
 
     _capturing = False
 
@@ -41,6 +43,10 @@ class FollowsWeights:
     @property
     def weights_lock(self) -> threading.RLock:
         return self._weights_lock
+
+    @property
+    def sequences(self) -> SequenceGate:
+        return self._sequences
 
     @property
     def weight_names(self) -> frozenset[str]:

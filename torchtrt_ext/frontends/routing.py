@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+import weakref
 from typing import Any, Callable
 
 
@@ -37,18 +38,37 @@ def _without_auto_compile(original: Any, kwargs: dict[str, Any]) -> dict[str, An
 
 def call_routed(compiled: Any, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run one of the original's own methods with its forward calls sent through the engines:
-    for the call, the model's instance attribute `forward` is this module's forward."""
+    for the call, the model's instance attribute `forward` is this module's forward (set by the
+    first of the calls running at once, on any thread, and removed by the last). The method holds
+    the wrapper's sequence gate for its whole run: a refit waits for it, and it sees one set of weights."""
     original = compiled.original
-    if "forward" in original.__dict__:  # routed already (a method calling another)
-        return method(*args, **kwargs)
-    routed = functools.partial(_routed_forward, compiled)
-    # The model's own methods read forward's signature (generate builds attention masks and position
-    # ids only for a forward that takes them): the routed forward shows the original's.
-    routed.__signature__ = inspect.signature(original.forward)
     if getattr(method, "__name__", None) == "generate" and getattr(method, "__module__", "").startswith("transformers."):
         kwargs = _without_auto_compile(original, kwargs)
-    original.__dict__["forward"] = routed
+    with _routes_lock:
+        running = _routes.get(original, 0)
+        if not running and "forward" in original.__dict__:  # the user's own instance forward: left alone
+            routed = None
+        else:
+            routed = True
+            if not running:
+                forward = functools.partial(_routed_forward, compiled)
+                # The model's own methods read forward's signature (generate builds attention masks and
+                # position ids only for a forward that takes them): the routed forward shows the original's.
+                forward.__signature__ = inspect.signature(original.forward)
+                original.__dict__["forward"] = forward
+            _routes[original] = running + 1
     try:
-        return method(*args, **kwargs)
+        with compiled.sequences.sequence():
+            return method(*args, **kwargs)
     finally:
-        original.__dict__.pop("forward", None)
+        if routed:
+            with _routes_lock:
+                _routes[original] -= 1
+                if not _routes[original]:
+                    del _routes[original]
+                    original.__dict__.pop("forward", None)
+
+
+# Models whose methods run through a wrapper now -> how many such calls run (all threads).
+_routes: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+_routes_lock = threading.Lock()

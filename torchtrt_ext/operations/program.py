@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
+from ..core.sequences import SequenceGate
+
 
 class CompiledProgram(abc.ABC):
     """A model compiled into engines, as the operations see it."""
@@ -39,6 +41,12 @@ class CompiledProgram(abc.ABC):
     @abc.abstractmethod
     def weights_lock(self) -> threading.RLock:
         """Held while the engines' weights change (refit, or following the model's own changes)."""
+
+    @property
+    @abc.abstractmethod
+    def sequences(self) -> SequenceGate:
+        """Held shared by the model's own methods run through the engines (generate()) for their whole
+        run, and exclusively by a refit: a sequence sees one set of weights."""
 
     @property
     @abc.abstractmethod

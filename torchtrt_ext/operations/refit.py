@@ -48,12 +48,17 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
     strict: every engine weight must be given, and every given name must be a weight of the model.
 
     The copies are ordered on the caller's current CUDA stream; calls that start after refit returns,
-    on any stream, compute with the new weights.
+    on any stream, compute with the new weights. Through the wrapper, a model method running the
+    engines on another thread (generate()) finishes first, with the old weights, and one starting
+    meanwhile waits: a generated sequence is never a mix of the two.
     """
     start = time.perf_counter()
     with contextlib.ExitStack() as held, open_weights(weights) as source:
         if isinstance(compiled, CompiledProgram):
-            held.enter_context(compiled.weights_lock)  # the wrapper's auto-refit waits, then sees this
+            # Sequences on other threads (generate()) end first, and new ones wait: each sees one set
+            # of weights. Then the weights lock: the wrapper's auto-refit waits, then sees this.
+            held.enter_context(compiled.sequences.exclusive())
+            held.enter_context(compiled.weights_lock)
             # Changes to the model made before this refit come first, before the engines are listed:
             # following them may drop the engines (the model moved to another dtype or device).
             compiled.sync_weights()
