@@ -2,7 +2,7 @@
 engines with a static KV cache, against eager generate() and torch.compile in the same run, beside the
 floors measured in the same run.
 
-    python -m benchmarks llm --out DIR [--quick]          # LLM_PARTS=tokens,resident,streamed
+    python -m benchmarks llm --out DIR [--quick]          # LLM_PARTS=tokens,resident,streamed,lora
                                                           # LLM_VARIANTS=backend,wrapper (resident routes)
 
 Parts (one table, a "part" column; each part builds its own model, random weights, nothing downloaded):
@@ -23,6 +23,10 @@ Parts (one table, a "part" column; each part builds its own model, random weight
   accelerate's cpu_offload generate() (4 new tokens: about a second each) and the resident engine's
   tokens (the model moved to the GPU afterwards).
 
+* lora: LoRA adapters A and B (peft, q_proj and v_proj, merged) swapped by refit (refit_double_buffer)
+  while another thread generates on its own stream, fp32: every sequence must equal eager's for A or
+  for B; the swap's time with nothing generating, against the changed bytes' device copy time.
+
 The backend route passes disable_compile=True to generate(): transformers' own compile of __call__
 would wrap the already compiled forward a second time (the wrapper's generate() does this itself).
 Quick mode (and the CPU): tiny configs, fewer tokens, no floors or peers that need a GPU.
@@ -30,8 +34,10 @@ Quick mode (and the CPU): tiny configs, fewer tokens, no floors or peers that ne
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -278,7 +284,76 @@ def _streamed_part(device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
-PARTS = {"tokens": _tokens_part, "resident": _resident_part, "streamed": _streamed_part}
+def _lora_part(device: torch.device, quick: bool) -> list[dict]:
+    """Adapters A and B (peft LoRA on q_proj and v_proj, merged) swapped by refit while another thread
+    generates on its own stream: every sequence must equal eager's for A or for B. fp32, so that equal
+    tokens are a fair test. The swap's time is taken with nothing generating (a swap during a generate
+    waits for it to end: a sequence sees one adapter) against its copy floor, the changed bytes at the
+    device-to-device copy bandwidth measured here."""
+    import peft
+
+    base = _lm(TINY_SHAPE if quick else LLAMA_CONFIG, torch.float32, device)
+    new, rounds = (6, 4) if quick else (32, 8)
+    ids, mask = _prompts(1, 16 if quick else 128, base.config.vocab_size, device)
+    changed, expected = {}, {}
+    with torch.no_grad():
+        for name, seed in (("A", 1), ("B", 2)):
+            torch.manual_seed(seed)
+            adapted = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+            for pname, p in adapted.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0.0, 0.05)  # peft starts B at zero: the adapter would change nothing
+            merged = adapted.merge_and_unload().eval()
+            changed[name] = {k: v.detach().clone() for k, v in merged.state_dict().items() if "q_proj" in k or "v_proj" in k}
+            expected[name] = _generate(merged.generate, ids, mask, new, disable_compile=True).tolist()
+            del adapted, merged
+        compiled = torchtrt_ext.compile(base, cuda_graphs=device.type == "cuda", refit_double_buffer=True)
+        _generate(compiled.generate, ids, mask, new)  # the static cache's length: as generated below
+        for name in ("A", "B", "A", "B"):  # graphs captured over both buffers
+            torchtrt_ext.refit(compiled, changed[name], strict=False)
+            _generate(compiled.generate, ids, mask, new)
+        quiet = []
+        for name in ("A", "B") * 3:
+            sync(device)
+            report = torchtrt_ext.refit(compiled, changed[name], strict=False)
+            sync(device)
+            quiet.append(report.seconds)
+        nbytes = sum(v.numel() * v.element_size() for v in changed["A"].values())
+        src = torch.empty(nbytes // 4, device=device)
+        dst = torch.empty_like(src)
+        floor_ms = _timed(lambda: dst.copy_(src), device, 5) * 1e3  # the same bytes, one device copy
+        del src, dst
+        sequences, waits = [], []
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+        def generating() -> None:
+            with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+                for _ in range(rounds):
+                    sequences.append(_generate(compiled.generate, ids, mask, new).tolist())
+
+        thread = threading.Thread(target=generating)
+        thread.start()
+        turn = 0
+        while thread.is_alive():
+            time.sleep(0.01)
+            start = time.perf_counter()
+            torchtrt_ext.refit(compiled, changed["AB"[turn % 2]], strict=False)
+            waits.append(time.perf_counter() - start)
+            turn += 1
+        thread.join()
+    tally = {name: sum(seq == expected[name] for seq in sequences) for name in ("A", "B")}
+    row = {"part": "lora", "variant": "ours: wrapper, refit_double_buffer", "new_tokens": new,
+           "sequences": len(sequences), "equal_A": tally["A"], "equal_B": tally["B"],
+           "every_sequence_A_or_B": tally["A"] + tally["B"] == len(sequences), "adapters_differ": expected["A"] != expected["B"],
+           "swaps_while_generating": turn, "swap_MB": round(nbytes / 1e6, 1),
+           "swap_ms": round(sorted(quiet)[len(quiet) // 2] * 1e3, 3), "copy_floor_ms": round(floor_ms, 3),
+           "vs_copy_floor": round(sorted(quiet)[len(quiet) // 2] * 1e3 / floor_ms, 2),
+           "longest_wait_ms": round(max(waits) * 1e3, 1) if waits else None}
+    print(row, flush=True)
+    return [row]
+
+
+PARTS = {"tokens": _tokens_part, "resident": _resident_part, "streamed": _streamed_part, "lora": _lora_part}
 
 
 def run(device: torch.device, quick: bool = False) -> list[dict]:
