@@ -28,6 +28,7 @@ BENCHMARKS = {
     "engine_cache": ("benchmarks.bench_files", "run_cache"),
     "zoo": ("benchmarks.bench_zoo", "run"),
     "llm": ("benchmarks.bench_llm", "run"),
+    "quant": ("benchmarks.bench_quant", "run"),
 }
 
 

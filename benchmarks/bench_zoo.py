@@ -52,7 +52,7 @@ from benchmarks.timing import latency_ms, sync
 VARIANTS = ("compile", "backend", "wrapper")
 
 
-def _have_timm() -> bool:
+def have_timm() -> bool:
     try:
         import timm  # noqa: F401
     except Exception:
@@ -71,7 +71,7 @@ def _mask(batch: int, length: int, device) -> torch.Tensor:
     return mask
 
 
-def _specs(tiny: bool, timm_ok: bool) -> dict[str, Callable[[], tuple]]:
+def model_specs(tiny: bool, timm_ok: bool) -> dict[str, Callable[[], tuple]]:
     """name -> () -> (make the model, make its keyword inputs (device, dtype), source, dtype or None).
 
     A dtype of None means the run's dtype (fp16 full, fp32 tiny)."""
@@ -175,7 +175,7 @@ def _specs(tiny: bool, timm_ok: bool) -> dict[str, Callable[[], tuple]]:
     }
 
 
-def _tensors(output: Any) -> list[torch.Tensor]:
+def tensors(output: Any) -> list[torch.Tensor]:
     """The output's tensors in order: ModelOutput via to_tuple(), tuples, lists, dicts, transformers
     cache objects (their key/value tensors, through their attributes); other objects through pytree
     if registered there, else ignored."""
@@ -186,15 +186,15 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     elif type(output).__module__.startswith("transformers.cache_utils"):
         output = list(vars(output).values())
     if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
+        return [t for item in output for t in tensors(item)]
     if isinstance(output, dict):
-        return [t for item in output.values() for t in _tensors(item)]
+        return [t for item in output.values() for t in tensors(item)]
     return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
 
 
 def _errors(out: Any, ref: Any) -> tuple[float, float]:
     """(max abs error, max relative error) over the output tensors, in float32."""
-    got, want = _tensors(out), _tensors(ref)
+    got, want = tensors(out), tensors(ref)
     if len(got) != len(want) or not want:
         raise ValueError(f"output has {len(got)} tensors, eager {len(want)}")
     abs_err = rel_err = 0.0
@@ -320,7 +320,7 @@ def _geomean(values: list[float]) -> float:
 
 def run(device: torch.device, quick: bool = False, models: list[str] | None = None) -> list[dict]:
     tiny = quick or device.type != "cuda"
-    specs = _specs(tiny, _have_timm())
+    specs = model_specs(tiny, have_timm())
     timing = dict(warmup=1, rounds=3, calls=3) if quick else dict(warmup=3, rounds=15, calls=5)
     rows: list[dict] = []
     both: list[dict] = []  # unrounded ratios of the models where backend and wrapper both ran

@@ -38,6 +38,16 @@ def llama(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
+def tiny_llama(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The same architecture at a tiny size (quick runs, the CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=256, use_cache=False)
+    return LlamaForCausalLM(config).to(device, dtype).eval()
+
+
 class LogitsOnly(torch.nn.Module):
     """Calls a causal LM without a KV cache and returns the logits tensor."""
 
