@@ -40,9 +40,9 @@ def _want_cuda() -> bool:
 def _extension():
     # Both builds compile `sources`; the CUDA build adds `cuda_sources`, the CPU build compiles
     # csrc/cpu_stubs.cpp (the same entry points, refusing CUDA work) in their place.
-    sources = ["csrc/module.cpp", "csrc/runner.cpp", "csrc/weight_watch.cpp"]
+    sources = ["csrc/module.cpp", "csrc/runner.cpp", "csrc/weight_watch.cpp", "csrc/leaf_check.cpp"]
     cuda_sources = ["csrc/runner_cuda.cpp", "csrc/graphs.cpp", "csrc/copies.cpp", "csrc/batched_copy.cu"]
-    depends = ["csrc/common.h", "csrc/copies.h", "csrc/runner.h", "csrc/slots.h", "csrc/weight_watch.h"]
+    depends = ["csrc/common.h", "csrc/copies.h", "csrc/leaf_check.h", "csrc/runner.h", "csrc/slots.h", "csrc/weight_watch.h"]
     cuda_depends = ["csrc/stream_bridge.h", "csrc/graphs.h", "csrc/batched_copy.h"]
     cxx = ["-O3", "-std=c++17"]
     if _want_cuda():

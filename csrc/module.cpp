@@ -1,6 +1,7 @@
 // torchtrt_ext.core._C: the Python bindings of the runtime (runner.h, weight_watch.h, copies.h).
 #include "common.h"
 #include "copies.h"
+#include "leaf_check.h"
 #include "runner.h"
 #include "weight_watch.h"
 
@@ -68,6 +69,11 @@ PYBIND11_MODULE(_C, m) {
       .def("accept", &torchtrt_ext::WeightWatch::accept, py::arg("index"))
       .def("accept_all", &torchtrt_ext::WeightWatch::accept_all)
       .def("__len__", &torchtrt_ext::WeightWatch::size);
+  py::class_<torchtrt_ext::LeafCheck>(m, "LeafCheck")
+      .def(py::init<std::vector<int64_t>, std::vector<at::Tensor>, std::vector<std::vector<int64_t>>, std::vector<int64_t>>(),
+           py::arg("positions"), py::arg("examples"), py::arg("sizes"), py::arg("formats"))
+      .def("first_unsure", &torchtrt_ext::LeafCheck::first_unsure, py::arg("flat"),
+           "-1 when every checked leaf of the flattened call fits; else the position of the first to check in full.");
   py::class_<Runner>(m, "Runner")
       .def(py::init<const std::string&, int64_t, const std::vector<int64_t>&>(), py::arg("device"), py::arg("max_slots"),
            py::arg("written") = std::vector<int64_t>{},

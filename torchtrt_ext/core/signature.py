@@ -13,10 +13,10 @@ from typing import Any, NamedTuple, Sequence
 import sympy
 import torch
 import torch.utils._pytree as pytree
-from torch.utils._sympy.functions import FloorDiv
 
-from . import trees
+from . import runtime, trees
 from .errors import EngineFileError, TorchTRTExtError
+from .size_expr import bad as _bad, parse_size, short as _short
 
 _VALUE_TYPES = (bool, int, float, str, type(None))  # non-tensor inputs a signature can write down
 
@@ -36,6 +36,7 @@ LAYOUTS = {
     "channels_last": torch.channels_last,
     "channels_last_3d": torch.channels_last_3d,
 }
+_FORMAT_CODES = {"contiguous": 0, "channels_last": 1, "channels_last_3d": 2}  # LeafCheck's codes
 
 
 def layout_of(t: torch.Tensor) -> str | None:
@@ -162,12 +163,36 @@ class InputSignature:
         ]
 
     def mismatch(self, spec: pytree.TreeSpec, flat: Sequence[Any]) -> str | None:
-        """None when a call with these flattened inputs fits; else what does not fit."""
-        if spec != self.in_spec:
+        """None when a call with these flattened inputs fits; else what does not fit. The tensor leaves
+        of fixed shape are checked in one C++ pass (LeafCheck); the rest, and any leaf it is unsure of,
+        here."""
+        if spec != self.in_spec or len(flat) != len(self._leaves):
             return "the structure of the arguments differs"
+        fast = self.__dict__.get("_fast") or self._make_fast()
+        if isinstance(flat, list) and fast[0].first_unsure(flat) < 0:
+            return self._mismatch_at(fast[1], flat)
+        return self._mismatch_at(range(len(self._leaves)), flat)
+
+    def _make_fast(self) -> tuple[Any, list[int]]:
+        """The C++ check of the tensor leaves of fixed shape, and the positions it leaves to Python."""
+        positions, examples, sizes, formats, rest = [], [], [], [], []
+        for i, leaf in enumerate(self._leaves):
+            if isinstance(leaf, _TensorLeaf) and all(isinstance(d, int) for d in leaf.shape):
+                positions.append(i)
+                examples.append(torch.empty(0, dtype=leaf.dtype, device=leaf.device))
+                sizes.append(list(leaf.shape))
+                formats.append(_FORMAT_CODES[leaf.layout])
+            else:
+                rest.append(i)
+        self._fast = (runtime.LeafCheck(positions, examples, sizes, formats), rest)
+        return self._fast
+
+    def _mismatch_at(self, positions: Sequence[int], flat: Sequence[Any]) -> str | None:
         bindings: dict[sympy.Symbol, int] = {}
         deferred: list[tuple[int, int, Any, int]] = []
-        for i, (expected, actual) in enumerate(zip(self._leaves, flat)):
+        leaves = self._leaves
+        for i in positions:
+            expected, actual = leaves[i], flat[i]
             if isinstance(expected, _TensorLeaf):
                 problem = self._tensor_mismatch(i, expected, actual, bindings, deferred)
                 if problem:
@@ -241,155 +266,7 @@ def _finite(bound: Any) -> int | None:
 # --- Reading signatures back: nothing read from a file is evaluated -----------------------------------
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TOKEN = re.compile(r"\s*(?:(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|//|[-+*/()]))")
-MAX_SIZE_TEXT = 256  # characters in one size expression
-_MAX_DEPTH = 32  # nested parentheses and unary signs
-_MAX_INT = 2**63  # the largest integer literal
-_MAX_EXPONENT = 64  # |exponent| of a power
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
-
-
-def parse_size(text: Any, symbols: dict[str, sympy.Symbol]) -> sympy.Expr:
-    """The sympy expression of a size that to_json wrote (``str`` of export's size expressions), built
-    from tokens; nothing is evaluated (no eval, sympify or parse_expr). The grammar is Python's for:
-
-        expr  := term (("+" | "-") term)*
-        term  := unary (("*" | "/" | "//") unary)*
-        unary := ("-" | "+") unary | power
-        power := atom ("**" unary)?
-        atom  := INTEGER | SYMBOL | "(" expr ")"
-
-    which covers what sympy prints for the sizes torch.export gives inputs: root sizes (``s0``), derived
-    dimensions (``2*s0``, ``s0 + 1``, ``2*s0 - 1``, ``4 - s0``), the relations Dim.AUTO finds
-    (``s1*s0``, ``s0**2``) and torch's FloorDiv (``((s0 - 1)//2)``). A SYMBOL must be one of `symbols`
-    (the names the signature's ranges declare); integers are literals below 2**63, exponents at most 64
-    in size, and the text at most MAX_SIZE_TEXT characters. Anything else raises EngineFileError
-    naming the text."""
-    if not isinstance(text, str):
-        raise _bad("a size", text, "an integer or a size expression")
-    if len(text) > MAX_SIZE_TEXT:
-        raise EngineFileError(f"size expression {_short(text)} is longer than {MAX_SIZE_TEXT} characters")
-    tokens: list[tuple[str, Any]] = []
-    at, end = 0, len(text.rstrip())
-    while at < end:
-        m = _TOKEN.match(text, at)
-        if m is None:
-            raise EngineFileError(f"size expression {text!r}: unexpected {text[at:].lstrip()[:20]!r}")
-        number, name, op = m.groups()
-        if number is not None:
-            if len(number) > 19 or int(number) >= _MAX_INT:
-                raise EngineFileError(f"size expression {text!r}: the integer {number[:25]} is too large")
-            tokens.append(("int", sympy.Integer(int(number))))
-        elif name is not None:
-            if name not in symbols:
-                raise EngineFileError(f"size expression {text!r}: {name!r} is not a size symbol of this signature")
-            tokens.append(("sym", symbols[name]))
-        else:
-            tokens.append(("op", op))
-        at = m.end()
-    return _SizeParser(text, tokens).parse()
-
-
-class _SizeParser:
-    def __init__(self, text: str, tokens: list[tuple[str, Any]]):
-        self.text, self.tokens, self.at, self.depth = text, tokens, 0, 0
-
-    def fail(self, what: str) -> EngineFileError:
-        return EngineFileError(f"size expression {self.text!r}: {what}")
-
-    def peek(self) -> str | None:
-        if self.at < len(self.tokens) and self.tokens[self.at][0] == "op":
-            return self.tokens[self.at][1]
-        return None
-
-    def parse(self) -> sympy.Expr:
-        if not self.tokens:
-            raise self.fail("empty")
-        value = self.expr()
-        if self.at != len(self.tokens):
-            raise self.fail(f"unexpected {self.tokens[self.at][1]} after a complete expression")
-        if not isinstance(value, sympy.Expr) or value.has(sympy.zoo, sympy.oo, sympy.nan):
-            raise self.fail("not a finite size")
-        return value
-
-    def expr(self) -> sympy.Expr:
-        value = self.term()
-        while self.peek() in ("+", "-"):
-            op = self.tokens[self.at][1]
-            self.at += 1
-            right = self.term()
-            value = value + right if op == "+" else value - right
-        return value
-
-    def term(self) -> sympy.Expr:
-        value = self.unary()
-        while self.peek() in ("*", "/", "//"):
-            op = self.tokens[self.at][1]
-            self.at += 1
-            right = self.unary()
-            if op == "*":
-                value = value * right
-            elif right == 0:
-                raise self.fail("division by zero")
-            elif op == "/":
-                value = value / right
-            else:
-                value = FloorDiv(value, right)
-        return value
-
-    def unary(self) -> sympy.Expr:
-        op = self.peek()
-        if op in ("-", "+"):
-            self.at += 1
-            with self.nested():
-                value = self.unary()
-            return -value if op == "-" else value
-        return self.power()
-
-    def power(self) -> sympy.Expr:
-        base = self.atom()
-        if self.peek() != "**":
-            return base
-        self.at += 1
-        with self.nested():
-            exponent = self.unary()
-        if not isinstance(exponent, sympy.Integer) or abs(int(exponent)) > _MAX_EXPONENT:
-            raise self.fail(f"the exponent {exponent} is not an integer of at most {_MAX_EXPONENT}")
-        if base == 0 and exponent < 0:
-            raise self.fail("division by zero")
-        return base**exponent
-
-    def atom(self) -> sympy.Expr:
-        if self.at >= len(self.tokens):
-            raise self.fail("ends too early")
-        kind, value = self.tokens[self.at]
-        self.at += 1
-        if kind != "op":
-            return value
-        if value != "(":
-            raise self.fail(f"unexpected {value}")
-        with self.nested():
-            inner = self.expr()
-        if self.peek() != ")":
-            raise self.fail("a parenthesis is not closed")
-        self.at += 1
-        return inner
-
-    def nested(self) -> "_Depth":
-        return _Depth(self)
-
-
-class _Depth:
-    def __init__(self, parser: _SizeParser):
-        self.parser = parser
-
-    def __enter__(self) -> None:
-        self.parser.depth += 1
-        if self.parser.depth > _MAX_DEPTH:
-            raise self.parser.fail(f"nested more than {_MAX_DEPTH} deep")
-
-    def __exit__(self, *exc: Any) -> None:
-        self.parser.depth -= 1
 
 
 def _leaf_from_json(leaf: Any, symbols: dict[str, sympy.Symbol]) -> Any:
@@ -426,12 +303,3 @@ def _leaf_from_json(leaf: Any, symbols: dict[str, sympy.Symbol]) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _bad(what: str, value: Any, expected: str) -> EngineFileError:
-    return EngineFileError(f"{what} {_short(value)} is not {expected}")
