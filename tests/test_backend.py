@@ -14,6 +14,7 @@ from tests import zoo
 from tests.conftest import CPU_AND_CUDA
 from torchtrt_ext import OptionError
 from torchtrt_ext.core import lifting
+from torchtrt_ext.core.settings import Settings
 from torchtrt_ext.core.writes import written_inputs
 
 
@@ -224,11 +225,26 @@ class _WritesAcc(torch.nn.Module):
         return y.relu()
 
 
+def _finding_writes_always(monkeypatch) -> list:
+    """Engines find the inputs their graph writes only where they need them (cuda_graphs=True, which
+    the CPU cannot run): make every engine find them, as a CUDA-graph engine would. Returns the list of
+    graphs analysed (one entry per analysis)."""
+    analysed = []
+
+    def find(lifted, settings):
+        analysed.append(lifted.gm)
+        return written_inputs(lifted)
+
+    monkeypatch.setattr(torchtrt_ext.engines, "needed_writes", find)
+    return analysed
+
+
 @pytest.mark.parametrize("how", sorted(_DYNAMO_WRITES))
-def test_the_inputs_a_dynamo_graph_writes_are_found_and_keep_the_writes(how):
+def test_the_inputs_a_dynamo_graph_writes_are_found_and_keep_the_writes(how, monkeypatch):
     """Dynamo's graphs hold torch-level calls (acc.mul_, acc[...] = y), not aten ops with schemas: the
     writes are still found (engine.writes), which is what lets the runtime's CUDA graphs capture a
     written input at its own address instead of on a copy that would take the writes."""
+    _finding_writes_always(monkeypatch)
     model = _WritesAcc(how).eval()
     compiled = _compile(model)
     with torch.no_grad():
@@ -242,9 +258,11 @@ def test_the_inputs_a_dynamo_graph_writes_are_found_and_keep_the_writes(how):
     assert engine.writes == (1,)  # acc; x is read only
 
 
-def test_a_graph_dynamo_reuses_for_another_layer_keeps_its_writes():
+def test_a_graph_dynamo_reuses_for_another_layer_keeps_its_writes(monkeypatch):
     """Dynamo compiles a layer's code once and calls that graph with each layer's weights; the engine
-    built for the second layer's weights (without the graph at hand) writes the same input."""
+    built for the second layer's weights (without the graph at hand) writes the same input, taken from
+    the first engine: the graph is analysed once."""
+    analysed = _finding_writes_always(monkeypatch)
     layers = [_WritesAcc("method").eval() for _ in range(2)]
     with torch.no_grad():
         for layer in layers:
@@ -254,6 +272,47 @@ def test_a_graph_dynamo_reuses_for_another_layer_keeps_its_writes():
             torch.testing.assert_close(_compile(layer)(x, acc), expected)
             torch.testing.assert_close(acc, expected_acc)
     assert [e.writes for layer in layers for e in torchtrt_ext.engines_of(layer)] == [(1,), (1,)]
+    assert len(analysed) == 1
+
+
+def test_the_backend_analyses_writes_only_for_cuda_graphs(monkeypatch):
+    """Without cuda_graphs nothing in a backend engine reads the written inputs, so their analysis (a
+    fake run of each dynamo graph: 0.36 s on a 22-layer graph) is skipped, and the writes still happen;
+    with cuda_graphs it runs."""
+    runs = []
+
+    def counted(lifted):
+        runs.append(lifted)
+        return written_inputs(lifted)
+
+    monkeypatch.setattr(torchtrt_ext.engines, "written_inputs", counted)
+    model = _WritesAcc("method").eval()
+    with torch.no_grad():
+        x, acc = torch.randn(3, 4), torch.randn(3, 4)
+        expected_acc = acc.clone()
+        expected = model(x, expected_acc)
+        torch.testing.assert_close(_compile(model)(x, acc), expected)
+        torch.testing.assert_close(acc, expected_acc)
+    (engine,) = torchtrt_ext.engines_of(model)
+    assert engine.writes == () and runs == []
+    (lifted,) = _captured(model, torch.randn(3, 4), torch.randn(3, 4))
+    assert torchtrt_ext.engines.needed_writes(lifted, Settings.from_options({"cuda_graphs": True}, for_backend=True)) == [1]
+    assert len(runs) == 1
+    assert torchtrt_ext.engines.needed_writes(lifted, Settings.from_options(None, for_backend=True)) == []
+
+
+def _captured(model, *args) -> list:
+    """The lifted graphs dynamo captures from model(*args)."""
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append(lifting.from_dynamo(gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(*args)
+    return captured
 
 
 def test_writes_to_a_dynamo_graphs_own_intermediates_are_not_writes_to_its_inputs():

@@ -16,7 +16,7 @@ from .streamed import StreamedEngine
 
 log = logging.getLogger("torchtrt_ext")
 
-__all__ = ["Engine", "MemoryUse", "BuiltinEngine", "StreamedEngine", "auto_choice", "resolve_kind", "build_engine"]
+__all__ = ["Engine", "MemoryUse", "BuiltinEngine", "StreamedEngine", "auto_choice", "resolve_kind", "build_engine", "needed_writes"]
 
 
 def auto_choice() -> str:
@@ -46,6 +46,14 @@ def resolve_kind(settings: Settings) -> str:
 _said: set[str] = set()
 
 
+def needed_writes(lifted: LiftedGraph, settings: Settings) -> list[int]:
+    """The inputs the graph writes in place, where an engine built with `settings` needs to know them:
+    with cuda_graphs, whose runtime captures a written input at its own address (one graph per address)
+    instead of on a copy that would take the writes. Nothing else in an engine reads them, so without
+    cuda_graphs the analysis (for a dynamo graph, a run on fake tensors) is skipped: [] there."""
+    return written_inputs(lifted) if settings.cuda_graphs else []
+
+
 def _say_once(message: str) -> None:
     if message not in _said:
         _said.add(message)
@@ -58,16 +66,16 @@ def build_engine(
     artifact: bytes | None = None,
     keep_artifact: bool = False,
     like: Engine | None = None,
-    writes: Sequence[int] = (),
+    writes: Sequence[int] | None = None,
 ) -> Engine:
     """artifact / keep_artifact: see BuiltinEngine (the engine cache's compiled code, saved whole).
     like: an engine of the same graph; the new one computes with lifted's weights, sharing the compiled
     code where the engine kind can (a resident built-in engine), else compiled anew. writes: the inputs
-    the compiled code writes in place, where the graph is not at hand (compiled code alone)."""
+    the compiled code writes in place, as the caller knows them (the wrapper finds them itself: it
+    copies written values back); None: found here from the graph where the engine needs them, else none."""
     kind = resolve_kind(settings)
-    # The inputs the compiled code writes in place (a KV cache): the runtime's CUDA graphs capture
-    # those at their own addresses instead of on copies (both engine kinds run through it).
-    writes = sorted({*writes, *written_inputs(lifted)})
+    if writes is None:
+        writes = needed_writes(lifted, settings)
     if kind == "builtin" and settings.weight_streaming:
         if artifact is not None or keep_artifact:
             raise TorchTRTExtError("weight-streaming engines are compiled per segment; they have no compiled artifact")

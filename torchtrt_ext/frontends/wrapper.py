@@ -24,6 +24,7 @@ from ..core import lifting, registry, trees
 from ..core.errors import EngineFileError, InputError, RefitError, TorchTRTExtError
 from ..core.settings import Settings
 from ..core.signature import InputSignature, dense
+from ..core.writes import written_inputs
 from ..engines import Engine, build_engine, resolve_kind
 from ..operations import engine_cache, files
 from ..operations.calibrate import check_fingerprint
@@ -358,8 +359,11 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         writes: Sequence[int] = (),
         returned: Sequence[tuple] = (),
     ) -> Variant:
+        # Caller inputs the compiled code writes itself (found from the graph, or given by an engine file):
+        # a call whose input is conformed to a copy gets the written values back (Variant)
+        writes = sorted({*writes, *written_inputs(lifted)})
         engine = build_engine(lifted, self.settings, artifact, keep_artifact, writes=writes)
-        writes = engine.writes  # caller inputs the compiled code writes itself (found from the graph, or given)
+        writes = engine.writes
         registry.add(engine, [w.tensor for w in lifted.weights])
         resolved = [self.original.get_buffer(u) if isinstance(u, str) else int(u) for u in updates]
         description = {"lifted": lifted.describe(), "updates": list(updates), "writes": list(writes), "returned": [list(r) for r in returned]}
