@@ -200,6 +200,27 @@ def test_backend_name_works_after_import():
     assert "ok" in result.stdout
 
 
+def test_an_engine_called_under_another_torch_compile_is_not_traced_into():
+    """Engines call Inductor's code without its dynamo.disable wrapper where dynamo is off (every call
+    from the backend and the wrapper). Called from a graph break of an outer torch.compile, the code
+    must still run as it is: the outer compile never sees its operations."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        _compile(model)(x)
+        (engine,) = torchtrt_ext.engines_of(model)
+        seen = []
+
+        def outer_backend(gm, example_inputs):
+            seen.append(gm)
+            return gm.forward
+
+        out = torch.compile(lambda t: engine(t * 1.0)[0] * 2, backend=outer_backend)(x)
+        torch.testing.assert_close(out, model(x) * 2)
+    ops = {str(n.target) for gm in seen for n in gm.graph.nodes if n.op == "call_function"}
+    assert seen and ops <= {str(operator.mul)}, ops
+
+
 # Ways a forward writes its input `acc`, as dynamo records them: a method, an item assignment, an
 # augmented assignment, out=, a torch function, a view's method.
 _DYNAMO_WRITES = {

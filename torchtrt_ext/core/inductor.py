@@ -2,13 +2,23 @@
 
 CUDA-graph mode is the runtime's (it captures and replays the compiled code), never Inductor's, so
 Inductor's own cudagraphs are off wherever this project compiles.
+
+Inductor's compiled code comes wrapped in torch._dynamo.disable, so that an outer torch.compile never
+traces into it. That wrapper costs a few microseconds per call (it sets and restores dynamo's frame
+callback), which adds up over the dozens of graphs of a model that dynamo splits. Engines call the code
+unwrapped where no torch.compile is evaluating frames (``frame_callback() is None``): every call from
+the backend (dynamo runs a backend's graph with its frame callback off) and from the wrapper (whose
+forward is disabled the same way); anywhere else (a graph break of an outer torch.compile), through
+``run_disabled``, which does what the wrapper did.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
+from torch._dynamo.eval_frame import innermost_fn
 
 CONFIG_PATCHES = {"triton.cudagraphs": False}
 
@@ -19,3 +29,21 @@ def compile_graph(gm: torch.fx.GraphModule, example_args: Sequence[Any]) -> Any:
 
     with torch.no_grad():
         return compile_fx(gm, list(example_args), config_patches=CONFIG_PATCHES)
+
+
+def unwrapped(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """The compiled code without the torch._dynamo.disable wrappers around it (unchanged where it has
+    none: a CompiledArtifact, say). Call it only where frame_callback() is None, or through run_disabled."""
+    return innermost_fn(compiled)
+
+
+# frame_callback() is None: no torch.compile is evaluating frames on this thread, so code called now
+# runs as it is, never traced. Not None inside a torch.compile region, where a graph break runs our
+# code (and False in dynamo's run-only mode). The C function itself: no Python frame per call.
+frame_callback: Callable[[], Any] = get_eval_frame_callback
+
+
+@torch._dynamo.disable
+def run_disabled(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) with dynamo's frame callback off (what the disable wrapper of compiled code does)."""
+    return fn(*args)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
+from ..core.inductor import frame_callback, run_disabled
 from ..core.runtime import Runner
 from ..core.settings import Settings
 
@@ -77,7 +78,9 @@ class Engine(abc.ABC):
     def __call__(self, *inputs: Any) -> list[torch.Tensor]:
         """Run the engine on the caller's current stream; inputs in graph order, outputs as a list."""
         self.calls += 1
-        return self._run(self._execute, inputs)
+        if frame_callback() is None:  # dynamo is off: the compiled code runs without its disable wrapper (core/inductor.py)
+            return self._run(self._execute, inputs)
+        return run_disabled(self._run, self._execute, inputs)  # a graph break of an outer torch.compile
 
     @abc.abstractmethod
     def _execute(self, inputs: tuple[Any, ...], slot: int) -> list[torch.Tensor]:

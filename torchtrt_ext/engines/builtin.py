@@ -18,7 +18,7 @@ import torch
 
 from ..core import lifting, quantize_pass
 from ..core.errors import RefitError, TorchTRTExtError
-from ..core.inductor import CONFIG_PATCHES, compile_graph
+from ..core.inductor import CONFIG_PATCHES, compile_graph, unwrapped
 from ..core.lifting import LiftedGraph
 from ..core.settings import Settings
 from .base import Engine, MemoryUse, weight_memory
@@ -182,6 +182,8 @@ class BuiltinEngine(Engine):
             if keep_artifact:
                 self.artifact = _saved_whole(self._compiled)
         self.compile_seconds = time.perf_counter() - start
+        # What the runtime calls: Engine.__call__ calls through it only where dynamo is off (core/inductor.py)
+        self._code = unwrapped(self._compiled)
         self._bind(fence=False)
         mem = self.memory()
         log.info(
@@ -201,18 +203,19 @@ class BuiltinEngine(Engine):
         return args
 
     def compiled_call(self, *inputs: Any) -> tuple[Any, list[Any]]:
-        """The compiled code and its whole argument list (weights and these inputs), to call directly,
-        bypassing the runtime: for measuring what the runtime's bridge costs per call."""
+        """The compiled code (as the runtime calls it: without its disable wrapper) and its whole
+        argument list (weights and these inputs), to call directly, bypassing the runtime: for measuring
+        what the runtime's bridge costs per call."""
         args = self._arguments()
         for position, value in zip(self._input_positions, inputs):
             args[position] = value
-        return self._compiled, args
+        return self._code, args
 
     def _bind(self, fence: bool) -> None:
         """Hand the runtime the compiled code and the current weights; it assembles each call's
         arguments itself. fence: later calls on any stream first wait for the caller's stream."""
         self._runner.bind(
-            self._compiled,
+            self._code,
             self._arguments(),
             self._input_positions,
             weights_id=self._active_id,
