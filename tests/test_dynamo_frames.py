@@ -96,6 +96,38 @@ def test_weights_the_model_no_longer_holds_are_freed_with_their_engines():
     assert alive <= 1, f"{alive} of {len(old)} replaced weights are still alive"
 
 
+@pytest.mark.parametrize("layer", [0, 2, 3])
+def test_memory_swapped_under_a_layers_parameters_is_followed(layer):
+    """`p.data = new` keeps the Parameter object and swaps its memory: the layer's next call must
+    compute with the new memory, whether its weight set was the last one used (the fast path) or one
+    of the others (looked up by the tensors' ids: the layers take turns calling the shared graph)."""
+    model = _fresh()
+    compiled = torch.compile(model, backend="torchtrt_ext")
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        assert _rel(compiled(x), model(x)) < 1e-5
+        for round in range(3):
+            target = model.layers[layer].fc2 if round != 1 else model.layers[layer].norm
+            target.weight.data = torch.randn_like(target.weight)
+            assert _rel(compiled(x), model(x)) < 1e-5, (round, _rel(compiled(x), model(x)))
+        model.layers[layer].fc1.weight.data.mul_(-1)  # written in place: read there by its engine
+        assert _rel(compiled(x), model(x)) < 1e-5
+
+
+def test_layers_that_take_turns_each_keep_their_engine():
+    """A stack calls the shared layer graph once per layer and forward: every layer's engine is found
+    again (no rebuild), each with its own weights, call after call."""
+    model = _fresh()
+    compiled = torch.compile(model, backend="torchtrt_ext")
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 3, 32)
+            assert _rel(compiled(x), model(x)) < 1e-5
+    engines = torchtrt_ext.engines_of(model)
+    layer_engines = [e for e in engines if "fc1.weight" in e.weight_index()]
+    assert len(layer_engines) == 4 and all(e.calls == 3 for e in layer_engines)
+
+
 def test_backend_refit_names_layers_by_the_models_names():
     model = _fresh()
     x = torch.randn(2, 7, 32)

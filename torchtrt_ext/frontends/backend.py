@@ -31,7 +31,12 @@ class DynamoGraph:
     Dynamo reuses one compiled graph for every module whose code and weight shapes match: after a
     graph break inside a layer, each layer of a stack calls the same graph with its own weights. So the
     weights in each call choose the engine: one per set of weight tensors, all running the same
-    compiled code (a weight-streaming engine, which owns its weights' copies, is built anew)."""
+    compiled code (a weight-streaming engine, which owns its weights' copies, is built anew).
+
+    Per call: the last weight set used is checked first (by identity: it is held strongly), then every
+    other set, by the identities of its tensors (their ids: an entry goes the moment any of its tensors
+    dies, so its ids name live tensors only); either way the tensors' memory must be the memory the
+    engine was built on (`p.data = ...` keeps the Parameter object and swaps its memory)."""
 
     def __init__(self, lifted: lifting.LiftedGraph, settings: Settings):
         self._settings = settings
@@ -44,51 +49,61 @@ class DynamoGraph:
         self._gm = lifted.gm if settings.weight_streaming else None
         engine = build_engine(lifted, settings)
         registry.add(engine, [w.tensor for w in lifted.weights])
-        weights = self._pick_weights(lifted.example_args)
+        weights = self._pick_weights(tuple(lifted.example_args))
         self.engine = engine  # the first: the one built for the weights of the first call
-        # Per weight set: its engine, the weights (weakly: a model the user drops takes its engine
-        # with it) and their memory. The last one used is held strongly, for the fast path.
-        self._by_weights: dict[tuple[int, ...], tuple[Engine, tuple, tuple]] = {}
-        self._lock = threading.Lock()
+        # Per weight set, by the ids of its tensors: its engine and the tensors' memory (data pointers).
+        # The tensors themselves are not held (a model the user drops takes its engines with it), except
+        # the last set used (_last: engine, tensors, memory), for the fast path. Reads take no lock;
+        # changes (a build, a weight's death) take the lock, re-entrant because a tensor can die (and
+        # its finalizer run) on a thread that holds it.
+        self._by_weights: dict[tuple[int, ...], tuple[Engine, tuple[int, ...]]] = {}
+        self._finalizers: dict[tuple[int, ...], list[weakref.finalize]] = {}  # per entry, one per tensor
+        self._lock = threading.RLock()
         self._last = self._remember(engine, weights)
 
     @property
     def engines(self) -> list[Engine]:
         with self._lock:
-            return [entry[0] for entry in self._by_weights.values()]
+            return [entry[0] for entry in tuple(self._by_weights.values())]
 
-    def _remember(self, engine: Engine, weights: tuple) -> tuple[Engine, tuple, tuple]:
+    def _remember(self, engine: Engine, weights: tuple) -> tuple[Engine, tuple, tuple[int, ...]]:
         """Keep `engine` for this weight set until one of its tensors dies (caller holds the lock, or
-        is the constructor)."""
+        is the constructor). An entry it replaces (the same tensors, new memory) goes with its finalizers."""
         key = tuple(map(id, weights))
         pointers = tuple(map(_data_ptr, weights))
-        refs = tuple(weakref.ref(w) for w in weights)
-        self._by_weights[key] = (engine, refs, pointers)
-        if weights:
-            weakref.finalize(weights[0], self._forget, key, refs[0])
+        self._drop_finalizers(key)
+        self._by_weights[key] = (engine, pointers)
+        self._finalizers[key] = [weakref.finalize(w, self._forget, key) for w in {id(w): w for w in weights}.values()]
         return (engine, weights, pointers)
 
-    def _forget(self, key: tuple[int, ...], ref: weakref.ref) -> None:
+    def _forget(self, key: tuple[int, ...]) -> None:
+        """One of the entry's tensors died: its ids may name other tensors from now on."""
         with self._lock:
-            found = self._by_weights.get(key)
-            if found is not None and found[1][0] is ref:  # not an entry made since for reused ids
-                del self._by_weights[key]
+            self._by_weights.pop(key, None)
+            self._drop_finalizers(key)
+
+    def _drop_finalizers(self, key: tuple[int, ...]) -> None:
+        for finalizer in self._finalizers.pop(key, ()):
+            finalizer.detach()
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
         engine, weights, pointers = self._last
         picked = self._pick_weights(args)
-        # The same tensors, and their memory not swapped (`p.data = ...` keeps the Parameter object)
+        # The same tensors, and their memory not swapped
         if not all(map(operator.is_, picked, weights)) or tuple(map(_data_ptr, picked)) != pointers:
-            engine = self._engine_for(args)
+            found = self._by_weights.get(tuple(map(id, picked)))
+            pointers = tuple(map(_data_ptr, picked))
+            if found is not None and found[1] == pointers:
+                engine = found[0]
+                self._last = (engine, picked, pointers)
+            else:
+                engine = self._engine_for(args, picked, pointers)
         return engine(*self._pick_inputs(args))
 
-    def _engine_for(self, args: Sequence[Any]) -> Engine:
-        weights = self._pick_weights(args)
-        key = tuple(map(id, weights))
-        pointers = tuple(map(_data_ptr, weights))
+    def _engine_for(self, args: Sequence[Any], weights: tuple, pointers: tuple[int, ...]) -> Engine:
         with self._lock:  # concurrent first calls with new weights build one engine
-            found = self._by_weights.get(key)
-            if found is not None and all(r() is w for r, w in zip(found[1], weights)) and found[2] == pointers:
+            found = self._by_weights.get(tuple(map(id, weights)))
+            if found is not None and found[1] == pointers:
                 self._last = (found[0], weights, pointers)
             else:  # new tensors, or the same ones with new memory: that entry is replaced, not kept
                 self._last = self._remember(self._build_for(args, weights), weights)
@@ -104,7 +119,8 @@ class DynamoGraph:
                 )
         slots = [lifting.WeightSlot(position, name, tensor) for (position, name), tensor in zip(self._weights, weights)]
         lifted = lifting.LiftedGraph(self._gm, list(args), slots, list(self._input_positions))
-        # The graph is kept only for streamed engines: the first engine knows which inputs it writes.
+        # The graph is kept only for streamed engines: the first engine knows which inputs it writes
+        # (where an engine needs them: needed_writes).
         engine = build_engine(lifted, self._settings, like=self.engine, writes=self.engine.writes)
         registry.add(engine, list(weights))
         return engine
@@ -113,13 +129,15 @@ class DynamoGraph:
 _data_ptr = torch.Tensor.data_ptr
 
 
-def _picker(positions: Sequence[int]) -> Callable[[Sequence[Any]], tuple]:
-    """A function taking the items at `positions` of a sequence, as a tuple (fast: itemgetter)."""
+def _picker(positions: Sequence[int]) -> Callable[[tuple], tuple]:
+    """A function taking the items at `positions` of a tuple, as a tuple: an itemgetter, with no
+    Python frame per call (a run of consecutive positions is one slice)."""
+    positions = list(positions)
     if not positions:
-        return lambda args: ()
-    if len(positions) == 1:
-        only = positions[0]
-        return lambda args: (args[only],)
+        return operator.itemgetter(slice(0, 0))
+    start, stop = positions[0], positions[-1] + 1
+    if positions == list(range(start, stop)):
+        return operator.itemgetter(slice(start, stop))
     return operator.itemgetter(*positions)
 
 
