@@ -29,6 +29,7 @@ BENCHMARKS = {
     "zoo": ("benchmarks.bench_zoo", "run"),
     "llm": ("benchmarks.bench_llm", "run"),
     "quant": ("benchmarks.bench_quant", "run"),
+    "backend": ("benchmarks.bench_backend", "run"),
 }
 
 
