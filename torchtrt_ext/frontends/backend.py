@@ -73,8 +73,13 @@ class DynamoGraph:
         pointers = tuple(map(_data_ptr, weights))
         self._drop_finalizers(key)
         self._by_weights[key] = (engine, pointers)
-        self._finalizers[key] = [weakref.finalize(w, self._forget, key) for w in {id(w): w for w in weights}.values()]
+        self._finalizers[key] = [self._finalizer(w, key) for w in {id(w): w for w in weights}.values()]
         return (engine, weights, pointers)
+
+    def _finalizer(self, tensor: torch.Tensor, key: tuple[int, ...]) -> weakref.finalize:
+        finalizer = weakref.finalize(tensor, self._forget, key)
+        finalizer.atexit = False  # nothing to forget at exit
+        return finalizer
 
     def _forget(self, key: tuple[int, ...]) -> None:
         """One of the entry's tensors died: its ids may name other tensors from now on."""
