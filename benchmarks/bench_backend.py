@@ -9,7 +9,10 @@ graph call adds up. Three cases, small enough that the host dominates:
 - bart: a BartModel from a small BartConfig, random weights, fp16 (its encoder layers break the graph
   at an isfinite check), encoder ids 1x8 and decoder ids 1x4 on the CPU, 4x96 / 4x32 on CUDA.
 Rounds interleave the two (A B A B ...); the ratio is taken round by round. `per_graph_us` is the
-difference of the medians over the engine calls per forward.
+difference of the medians over the engine calls per forward (whole forwards: noisy on a busy host).
+`overhead_us` is measured apart, in isolation: the graph calls of one forward replayed as recorded,
+once through what the backend handed dynamo and once straight into the compiled code each ran (as
+Inductor's path calls it), min over rounds, per graph call.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch._dynamo.eval_frame import innermost_fn
 
 import torchtrt_ext
 from benchmarks.timing import sync
+from torchtrt_ext.frontends.backend import torchtrt_ext_backend
 
 
 class _Linear(nn.Module):
@@ -96,6 +101,42 @@ def _time(variants: dict[str, Callable[[], Any]], device: torch.device, calls: i
     return per_round
 
 
+def _overhead_us(model: nn.Module, inputs: dict, device: torch.device, rounds: int) -> float:
+    """Per graph call: the backend's callable minus the compiled code it runs, the calls of one forward
+    replayed in isolation (min over rounds)."""
+    recording: list[tuple[Any, tuple]] = []
+
+    def recorded(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+        graph = torchtrt_ext_backend(gm, example_inputs)
+        return lambda *args: (recording.append((graph, args)), graph(*args))[1]
+
+    compiled = torch.compile(copy.deepcopy(model), backend=recorded)
+    compiled(**inputs)
+    recording.clear()
+    compiled(**inputs)
+    calls = list(recording)
+    # the compiled code (without a dynamo.disable wrapper, as dynamo's own wrapper calls Inductor's), all of dynamo's arguments
+    direct = [(innermost_fn(graph.engine.compiled_call()[0]), args) for graph, args in calls]
+
+    def ours() -> None:
+        for graph, args in calls:
+            graph(*args)
+
+    def code() -> None:
+        for fn, args in direct:
+            fn(*args)
+
+    times: dict[str, list[float]] = {"ours": [], "code": []}
+    for _ in range(rounds):
+        for name, fn in (("ours", ours), ("code", code)):
+            start = time.perf_counter()
+            for _ in range(20):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / 20 / len(calls) * 1e6)
+    return min(times["ours"]) - min(times["code"])
+
+
 def run(device: torch.device, quick: bool = False) -> list[dict]:
     rows = []
     for name, make in _cases(device, quick):
@@ -118,6 +159,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             ours(**inputs)
             graph_calls = sum(e.calls for e in engines) - before
             calls = 200 if name == "bart" else 2000
+            overhead = _overhead_us(model, inputs, device, 10 if quick else 30)
             timed = _time({"inductor": lambda: inductor(**inputs), "ours": lambda: ours(**inputs)}, device, calls, 5 if quick else 15)
         med = {k: statistics.median(v) for k, v in timed.items()}
         ratio = statistics.median(o / i for o, i in zip(timed["ours"], timed["inductor"]))
@@ -129,6 +171,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             "ours_us": round(med["ours"], 1),
             "ratio": round(ratio, 3),
             "per_graph_us": round((med["ours"] - med["inductor"]) / max(graph_calls, 1), 2),
+            "overhead_us": round(overhead, 2),
             "rel_error": f"{error:.2e}",
             "ours_compile_s": round(compile_s, 2),
         })
