@@ -5,7 +5,8 @@ layer, and dynamo calls the layer's one graph with each layer's weights): whatev
 graph call adds up. Three cases, small enough that the host dominates:
 - linear: one Linear + gelu on a 2x8 input (one graph, one weight set);
 - stack: an embedding Linear, `layers` layers that break the graph at a data-dependent branch (one
-  graph called per layer with that layer's six weights), and a head;
+  graph called per layer with that layer's six weights), and a head; stack16: the same with 16
+  weights per layer;
 - bart: a BartModel from a small BartConfig, random weights, fp16 (its encoder layers break the graph
   at an isfinite check), encoder ids 1x8 and decoder ids 1x4 on the CPU, 4x96 / 4x32 on CUDA.
 Rounds interleave the two (A B A B ...); the ratio is taken round by round. `per_graph_us` is the
@@ -41,11 +42,14 @@ class _Linear(nn.Module):
 
 
 class _Breaking(nn.Module):
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, extra: int = 0) -> None:
         super().__init__()
         self.fc1, self.fc2, self.norm = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim), nn.LayerNorm(dim)
+        self.extra = nn.ModuleList(nn.Linear(dim, dim) for _ in range(extra))  # more weights, as a BART layer has
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fc in self.extra:
+            x = fc(x)
         y = x + self.fc2(torch.relu(self.fc1(self.norm(x))))
         if torch.isinf(y).any():  # data-dependent: a graph break
             y = y.clamp(-1e4, 1e4)
@@ -53,10 +57,10 @@ class _Breaking(nn.Module):
 
 
 class _Stack(nn.Module):
-    def __init__(self, dim: int = 16, layers: int = 6) -> None:
+    def __init__(self, dim: int = 16, layers: int = 6, extra: int = 0) -> None:
         super().__init__()
         self.embed, self.head = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.layers = nn.ModuleList(_Breaking(dim) for _ in range(layers))
+        self.layers = nn.ModuleList(_Breaking(dim, extra) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -80,6 +84,8 @@ def _bart(device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor]]:
 def _cases(device: torch.device, quick: bool):
     yield "linear", lambda: (_Linear().to(device).eval(), {"x": torch.randn(2, 8, device=device)})
     yield "stack", lambda: (_Stack().to(device).eval(), {"x": torch.randn(2, 16, device=device)})
+    # 16 weights per layer, as a BART encoder layer has; the compute stays negligible
+    yield "stack16", lambda: (_Stack(8, 6, 5).to(device).eval(), {"x": torch.randn(2, 8, device=device)})
     if not quick:
         yield "bart", lambda: _bart(device)
 
