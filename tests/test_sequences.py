@@ -34,7 +34,11 @@ def test_gate_a_waiting_refit_goes_before_new_sequences():
     first_in.wait(5)
     r = threading.Thread(target=refit)
     r.start()
-    time.sleep(0.1)  # the refit waits for a
+    for _ in range(500):  # until the refit waits for a
+        if gate.waiting:
+            break
+        time.sleep(0.01)
+    assert gate.waiting == 1
     b = threading.Thread(target=sequence, args=("b",))
     b.start()
     time.sleep(0.1)  # b waits for the refit

@@ -62,6 +62,12 @@ class SequenceGate:
                     self._cond.notify_all()
 
     @property
+    def waiting(self) -> int:
+        """Refits waiting for sequences to end."""
+        with self._cond:
+            return self._writers_waiting
+
+    @property
     def running(self) -> int:
         """Sequences running now, on all threads."""
         with self._cond:
