@@ -182,6 +182,7 @@ def test_calibration_from_a_saved_file(tmp_path):
 # --- a tiny Llama ----------------------------------------------------------------------------------
 
 
+@pytest.mark.zoo  # a transformers model: with the zoo's tests (the main suite stays within CI's time)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("route", ["wrapper", "backend"])
 def test_llama_matches_reference_arithmetic(precision, route, counter):
