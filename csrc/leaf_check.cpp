@@ -39,4 +39,22 @@ int64_t LeafCheck::first_unsure(const py::list& flat) const {
   return -1;
 }
 
+bool same_tensors(const py::tuple& picked, const py::tuple& weights, const py::tuple& pointers) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(picked.ptr());
+  if (PyTuple_GET_SIZE(weights.ptr()) != n || PyTuple_GET_SIZE(pointers.ptr()) != n) return false;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyTuple_GET_ITEM(picked.ptr(), i);  // borrowed
+    if (item != PyTuple_GET_ITEM(weights.ptr(), i) || !THPVariable_Check(item)) return false;
+    const at::Tensor& t = THPVariable_Unpack(item);
+    if (!t.defined() || !t.has_storage()) return false;
+    const unsigned long long expected = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(pointers.ptr(), i));
+    if (expected == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) != expected) return false;
+  }
+  return true;
+}
+
 }  // namespace torchtrt_ext

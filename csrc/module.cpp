@@ -74,6 +74,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("positions"), py::arg("examples"), py::arg("sizes"), py::arg("formats"))
       .def("first_unsure", &torchtrt_ext::LeafCheck::first_unsure, py::arg("flat"),
            "-1 when every checked leaf of the flattened call fits; else the position of the first to check in full.");
+  m.def("same_tensors", &torchtrt_ext::same_tensors, py::arg("picked"), py::arg("weights"), py::arg("pointers"),
+        "Whether picked[i] is weights[i] with data pointer pointers[i], for every i.");
   py::class_<Runner>(m, "Runner")
       .def(py::init<const std::string&, int64_t, const std::vector<int64_t>&>(), py::arg("device"), py::arg("max_slots"),
            py::arg("written") = std::vector<int64_t>{},

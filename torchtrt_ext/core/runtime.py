@@ -19,6 +19,7 @@ _C.set_input_error(InputError)
 Runner = _C.Runner
 WeightWatch = _C.WeightWatch
 LeafCheck = _C.LeafCheck
+same_tensors = _C.same_tensors
 built_with_cuda: bool = _C.built_with_cuda()
 
 # CUDA streams and events owned by Python objects: each is destroyed with its object (CUDA finishes

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..core import lifting, registry
+from ..core.runtime import same_tensors
 from ..core.errors import OptionError, TorchTRTExtError
 from ..core.settings import Settings
 from ..engines import Engine, build_engine
@@ -94,8 +95,8 @@ class DynamoGraph:
     def __call__(self, *args: Any) -> list[torch.Tensor]:
         engine, weights, pointers = self._last
         picked = self._pick_weights(args)
-        # The same tensors, and their memory not swapped
-        if not all(map(operator.is_, picked, weights)) or tuple(map(_data_ptr, picked)) != pointers:
+        # The same tensors, and their memory not swapped (one C++ pass: runtime.same_tensors)
+        if not same_tensors(picked, weights, pointers):
             found = self._by_weights.get(tuple(map(id, picked)))
             pointers = tuple(map(_data_ptr, picked))
             if found is not None and found[1] == pointers:
