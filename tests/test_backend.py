@@ -355,3 +355,21 @@ def test_writes_to_a_dynamo_graphs_own_intermediates_are_not_writes_to_its_input
         torch.compile(Intermediates(), backend=capture)(torch.randn(3, 4), torch.randn(3, 4))
     (lifted,) = captured
     assert written_inputs(lifted) == [1]
+
+
+def test_a_dropped_model_takes_its_weights_and_engines_with_it():
+    """The backend keeps no strong path to a model's weights once the model and its compile are gone
+    (a weight set's finalizers reach their graph weakly)."""
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval()
+    weight = weakref.ref(model[0].weight)
+    compiled = torch.compile(model, backend="torchtrt_ext")
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    del compiled, model
+    torch._dynamo.reset()
+    gc.collect()
+    assert weight() is None

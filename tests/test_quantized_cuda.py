@@ -120,3 +120,15 @@ def test_tiny_llama_on_the_gpu_matches_the_cpu_reference(precision):
     assert cosine > 0.999, cosine
     float_logits = model(ids).logits
     assert torch.nn.functional.cosine_similarity(got.flatten(), float_logits.flatten(), dim=0).item() > 0.99
+
+
+@pytest.mark.parametrize("rows", [5, 17, 100])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_column_major_input_is_taken(precision, rows):
+    """torch._scaled_mm takes a row-major A only: a transposed input is quantized into one."""
+    fmt, _, b, qw, scales = _layer(precision, 64, 128)
+    x = torch.randn(128, rows, generator=torch.Generator().manual_seed(8)).t()  # (rows, 128), column-major
+    x_scale = quantize.activation_scale(float(x.abs().max()), fmt)
+    got = quantized_linear(x.cuda(), qw.cuda(), scales.cuda(), x_scale, b.cuda(), torch.float32)
+    expected = quantize.linear_reference(x, qw, scales, x_scale, b, fmt, torch.float32)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))

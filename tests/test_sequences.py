@@ -170,3 +170,50 @@ def test_a_refit_from_inside_generate_on_the_same_thread_applies_at_once():
     assert done
     with torch.no_grad():
         assert compiled.generate(ids, attention_mask=mask, **GREEDY).tolist() == adapter.generate(ids, attention_mask=mask, **GREEDY).tolist()
+
+
+def test_a_refit_from_inside_a_sequence_while_another_thread_runs_one_is_refused():
+    gate = SequenceGate()
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with gate.sequence():
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(5)
+    try:
+        with gate.sequence():
+            with pytest.raises(torchtrt_ext.RefitError, match="other thread"):
+                with gate.exclusive():
+                    pass
+    finally:
+        release.set()
+        t.join(5)
+
+
+def test_a_routed_method_returning_a_generator_runs_each_step_through_the_engines():
+    class Streamer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x)
+
+        def stream(self, x, n):
+            for _ in range(n):
+                x = self(x)
+                yield x
+
+    model = Streamer().eval()
+    x = torch.randn(2, 8)
+    expected = list(model.stream(x, 3))
+    compiled = torchtrt_ext.compile(model, (x,))
+    calls = sum(e.calls for e in compiled.engines)
+    got = list(compiled.stream(x, 3))
+    assert len(got) == 3 and all(torch.allclose(g, e, rtol=1e-5, atol=1e-6) for g, e in zip(got, expected))
+    assert sum(e.calls for e in compiled.engines) - calls == 3  # each step ran the engine
+    assert "forward" not in model.__dict__

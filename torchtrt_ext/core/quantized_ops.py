@@ -63,7 +63,7 @@ def _(x, q_weight, w_scales, x_scale, bias, out_dtype):
     n, k = q_weight.shape
     if k % 16 or n % 16:  # the kernels' alignment
         return quantize.linear_reference(x, q_weight, w_scales, x_scale, bias, fmt, out_dtype)
-    q_x = quantize.quantize_activation(x.reshape(-1, k), x_scale, fmt)
+    q_x = quantize.quantize_activation(x.reshape(-1, k), x_scale, fmt).contiguous()  # the kernels take row-major A
     m = q_x.shape[0]
     if fmt.dtype == torch.int8:
         rows = max(m, _INT_MM_MIN_ROWS)

@@ -3,13 +3,17 @@ engines several times, such as generate(), holds a SequenceGate shared for its w
 it exclusively, so it waits for the sequences running on other threads to end, and sequences that start
 meanwhile wait for the refit. A generated sequence is then all old weights or all new ones, never a
 mix. A refit made on a thread inside its own sequence (a callback of generate()) does not wait: it
-applies from that thread's next step, as asked."""
+applies from that thread's next step, as asked, and is refused (RefitError) while other threads run
+sequences. A sequence must not wait for a routed call it starts on another thread: a refit waiting
+meanwhile goes first, and waits for the first sequence."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 from typing import Iterator
+
+from .errors import RefitError
 
 
 class SequenceGate:
@@ -43,6 +47,13 @@ class SequenceGate:
         me = threading.get_ident()
         with self._cond:
             if self._writer == me or me in self._sequences:  # nested, or from inside this thread's sequence
+                others = [t for t in self._sequences if t != me]
+                if self._writer != me and others:
+                    raise RefitError(
+                        f"a refit from inside a generate() (or another method run through the engines) while "
+                        f"{len(others)} other thread(s) run one: their sequences would mix the old and new "
+                        "weights, and waiting for them here could wait forever; refit outside generate()"
+                    )
                 reentrant = True
             else:
                 reentrant = False

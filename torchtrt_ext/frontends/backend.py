@@ -78,7 +78,9 @@ class DynamoGraph:
         return (engine, weights, pointers)
 
     def _finalizer(self, tensor: torch.Tensor, key: tuple[int, ...]) -> weakref.finalize:
-        finalizer = weakref.finalize(tensor, self._forget, key)
+        # The callback reaches this graph weakly: weakref's registry holds it strongly until the tensor
+        # dies, and this graph holds the last weight set (so those tensors would never die).
+        finalizer = weakref.finalize(tensor, _forget_entry, weakref.ref(self), key)
         finalizer.atexit = False  # nothing to forget at exit
         return finalizer
 
@@ -133,6 +135,13 @@ class DynamoGraph:
 
 
 _data_ptr = torch.Tensor.data_ptr
+
+
+def _forget_entry(graph: "weakref.ref[Any]", key: tuple[int, ...]) -> None:
+    """A weight set's tensor died: its graph (if it still lives) forgets the set."""
+    owner = graph()
+    if owner is not None:
+        owner._forget(key)
 
 
 def _picker(positions: Sequence[int]) -> Callable[[tuple], tuple]:

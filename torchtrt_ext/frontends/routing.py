@@ -17,6 +17,11 @@ class _Inside(threading.local):
 inside = _Inside()
 
 
+# Models whose methods run through a wrapper now -> how many such calls run (all threads).
+_routes: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+_routes_lock = threading.Lock()
+
+
 def _routed_forward(compiled: Any, *args: Any, **kwargs: Any) -> Any:
     """The original's forward while one of its methods runs through the wrapper (call_routed):
     the engines, except inside the wrapper's own forward, where it is the model's own forward."""
@@ -59,16 +64,48 @@ def call_routed(compiled: Any, method: Callable[..., Any], *args: Any, **kwargs:
             _routes[original] = running + 1
     try:
         with compiled.sequences.sequence():
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
     finally:
         if routed:
-            with _routes_lock:
-                _routes[original] -= 1
-                if not _routes[original]:
-                    del _routes[original]
-                    original.__dict__.pop("forward", None)
+            _unroute(original)
+    if inspect.isgenerator(result):  # a streaming method: its body runs as it is iterated, routed then
+        return _routed_generator(compiled, result)
+    return result
 
 
-# Models whose methods run through a wrapper now -> how many such calls run (all threads).
-_routes: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
-_routes_lock = threading.Lock()
+def _unroute(original: Any) -> None:
+    with _routes_lock:
+        _routes[original] -= 1
+        if not _routes[original]:
+            del _routes[original]
+            original.__dict__.pop("forward", None)
+
+
+def _routed_generator(compiled: Any, generator: Any) -> Any:
+    """Iterate a method's generator with its forward routed and the sequence gate held at each step,
+    as the method itself would have run."""
+
+    def advance(sent: Any) -> tuple[bool, Any]:
+        def step() -> _Once:
+            try:
+                return _Once((False, generator.send(sent)))
+            except StopIteration as stop:
+                return _Once((True, stop.value))
+
+        return call_routed(compiled, step).value
+
+    try:
+        done, value = advance(None)
+        while not done:
+            sent = yield value
+            done, value = advance(sent)
+        return value
+    finally:
+        generator.close()
+
+
+class _Once:
+    """A value handed back through call_routed (not a generator, so not wrapped again)."""
+
+    def __init__(self, value: Any):
+        self.value = value
