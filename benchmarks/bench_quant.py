@@ -17,7 +17,6 @@ Quick mode (and the CPU): tiny configs, fewer batches, float32.
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import sys
 import time
@@ -27,8 +26,9 @@ import torch
 
 import torchtrt_ext
 from benchmarks import models
-from benchmarks.bench_zoo import first_line, have_timm, model_specs, tensors
-from benchmarks.timing import latency_ms, sync
+from benchmarks.bench_zoo import as_call, build_case, first_line, have_timm, model_specs, tensors
+from benchmarks.parts import run_parts
+from benchmarks.timing import latency_ms
 
 PRECISIONS = ("fp8", "int8")
 SHAPES = [(4096, 2048, 5632), (4096, 5632, 2048), (4096, 2048, 2048)]  # M, K, N of the 1.1B model at 8x512
@@ -135,16 +135,10 @@ def _accuracy_part(device: torch.device, quick: bool) -> list[dict]:
     for name, spec in model_specs(tiny, have_timm()).items():
         torch._dynamo.reset()
         try:
-            make_model, make_inputs, _, own_dtype = spec()
-            dtype = torch.float32 if tiny else (own_dtype or torch.float16)
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = make_model()
-            model = model.to(device, dtype).eval()
+            model, make_inputs, _, dtype = build_case(spec, device, tiny)
 
             def call():
-                inputs = make_inputs(device, dtype)
-                return ((inputs["x"],), {}) if "x" in inputs else ((), inputs)
+                return as_call(make_inputs(device, dtype))
 
             with torch.no_grad():
                 rows += _compare(name, model, call, device, 4 if quick else 32, None, "")
@@ -161,12 +155,4 @@ PARTS = {"gemm": _gemm_part, "speed": _speed_part, "accuracy": _accuracy_part}
 
 
 def run(device: torch.device, quick: bool = False) -> list[dict]:
-    chosen = [p.strip() for p in os.environ.get("QUANT_PARTS", ",".join(PARTS)).split(",") if p.strip()]
-    unknown = [p for p in chosen if p not in PARTS]
-    if unknown:
-        raise ValueError(f"unknown QUANT_PARTS {unknown}; known: {', '.join(PARTS)}")
-    rows: list[dict] = []
-    for part in chosen:
-        rows += PARTS[part](device, quick)
-        sync(device)
-    return rows
+    return run_parts("QUANT_PARTS", PARTS, device, quick)

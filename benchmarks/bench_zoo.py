@@ -241,19 +241,27 @@ def _selected(models: list[str] | None, known: list[str]) -> list[str]:
     return list(models)
 
 
-def _bench_model(name: str, spec: Callable[[], tuple], device: torch.device, tiny: bool, timing: dict) -> tuple[dict, dict]:
-    """One model's row, and its unrounded latency ratios to torch.compile."""
+def build_case(spec: Callable[[], tuple], device: torch.device, tiny: bool) -> tuple[torch.nn.Module, Callable, str, torch.dtype]:
+    """A zoo model built from its spec (seeded, on the device, in its run dtype, eval mode): the model,
+    its inputs' maker (device, dtype), its source and its dtype."""
     make_model, make_inputs, source, own_dtype = spec()
     dtype = torch.float32 if tiny else (own_dtype or torch.float16)
     torch.manual_seed(0)
     with torch.device(device):
         model = make_model()
-    model = model.to(device, dtype).eval()
+    return model.to(device, dtype).eval(), make_inputs, source, dtype
+
+
+def as_call(inputs: dict) -> tuple[tuple, dict]:
+    """A zoo model's inputs as (args, kwargs): timm models take the image positionally."""
+    return ((inputs["x"],), {}) if "x" in inputs else ((), inputs)
+
+
+def _bench_model(name: str, spec: Callable[[], tuple], device: torch.device, tiny: bool, timing: dict) -> tuple[dict, dict]:
+    """One model's row, and its unrounded latency ratios to torch.compile."""
+    model, make_inputs, source, dtype = build_case(spec, device, tiny)
     inputs = make_inputs(device, dtype)
-    if "x" in inputs:  # timm: the image positionally
-        args, kwargs = (inputs["x"],), {}
-    else:
-        args, kwargs = (), inputs
+    args, kwargs = as_call(inputs)
     head = {"model": name, "source": source, "shape": _shape(inputs), "dtype": str(dtype).replace("torch.", "")}
     found: dict[str, Any] = {}
     errors: dict[str, str] = {}
