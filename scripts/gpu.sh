@@ -46,6 +46,8 @@ for s in $STEPS; do
         $PY -m pytest -q -m cuda -p no:cacheprovider --tb=short -rfE "$1" > "$log" 2>&1
         echo "--- $1 rc=$? $((SECONDS - start))s: $(tail -1 "$log")"
         grep -E "^(FAILED|ERROR)" "$log" | cut -c1-400 || true  # the failures, where they are seen
+        # the first failure's traceback too: the device returns only a few files, and the output's tail
+        sed -n '/^=* \(FAILURES\|ERRORS\) =*$/,/^=* short test summary/p' "$log" | grep -v -E "Warning|warn" | head -40 || true
       }
       export -f run_test_file; export OUT PY
       mkdir -p "$OUT/tests"

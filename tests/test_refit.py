@@ -63,8 +63,15 @@ def test_refit_equals_a_fresh_compile_with_the_new_weights(device, source, tmp_p
     with torch.no_grad():
         for batch in (4, 7):
             a, k = zoo.inputs("cnn", batch, device)
-            out = compiled(*a, **k)
-            assert torch.equal(out, fresh(*a, **k)), "refit and a fresh compile of the same weights differ"
+            out, want = compiled(*a, **k), fresh(*a, **k)
+            if device == "cpu":
+                assert torch.equal(out, want), "refit and a fresh compile of the same weights differ"
+            else:
+                # Two compiles on the GPU may take different convolution algorithms (cuDNN picks by the
+                # workspace free at the time: other test processes' memory; TF32 by default for float32
+                # convolutions), which round differently: the tolerance against eager. A weight left out
+                # of the refit moves outputs by orders of magnitude more.
+                zoo.assert_matches(out, want, torch.float32)
             zoo.assert_matches(out, fresh_model(*a, **k), torch.float32)
     assert compiled.original is model  # no recompile, same module
 

@@ -6,7 +6,12 @@ channel, activations per tensor from a calibration cache's amax, both symmetric.
 * fp8 (e4m3fn): scale = amax / 448, q = (x / scale) clamped to [-448, 448], cast (round to nearest even).
 
 Every step is an IEEE operation that the CPU and the GPU compute alike (an amax, one division, one
-rounding), so one weight and one cache give bit-identical quantized weights on either. linear_reference
+rounding), so one weight and one cache give bit-identical quantized weights on either. Two places
+where torch's kernels differ by device are spelled out: a tensor divided by a Python number is a
+multiplication by its float32 reciprocal on CUDA and a true division on the CPU (so the scales divide
+in float64, rounded once to float32, and activations multiply by the reciprocal on both); and CUDA has
+no int64 matrix product (so the int8 reference sums its exact products in float64, exact for K below
+2**53 / 127**2). linear_reference
 is what the GPU's low-precision matrix products compute (exact products, accumulated in int64 for int8
 and in float32 for fp8), for the CPU and for tests.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 
 import torch
 
@@ -49,7 +55,8 @@ def weight_scales(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1).float()
     if not bool(torch.isfinite(amax).all()):
         raise ValueError("a weight to quantize holds a non-finite value")
-    return torch.where(amax > 0, amax / fmt.qmax, torch.ones_like(amax))
+    # float64, rounded once: amax / qmax correctly rounded on every device (see the module's docstring)
+    return torch.where(amax > 0, (amax.double() / fmt.qmax).float(), torch.ones_like(amax))
 
 
 def quantize_weight(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +74,14 @@ def activation_scale(amax: float, fmt: QuantFormat, name: str = "") -> float:
 
 
 def quantize_activation(x: torch.Tensor, scale: float, fmt: QuantFormat) -> torch.Tensor:
-    """x / scale in the format: values beyond the calibrated range saturate at ±qmax."""
-    return _to_format(x.float() / scale, fmt)
+    """x / scale in the format, computed as x times the float32 reciprocal of scale (what CUDA does for a
+    division by a number; the CPU alike): values beyond the calibrated range saturate at ±qmax."""
+    return _to_format(x.float() * reciprocal(scale), fmt)
+
+
+def reciprocal(scale: float) -> float:
+    """1 / scale rounded to float32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", 1.0 / struct.unpack("f", struct.pack("f", scale))[0]))[0]
 
 
 def dequantize_weight(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -85,10 +98,10 @@ def linear_reference(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """y = x W^T + b with x quantized per tensor and W per output channel: the low-precision products
-    summed exactly (int8, in int64) or in float32 (fp8), then scaled back, as the GPU kernels do."""
+    summed exactly (int8, in float64) or in float32 (fp8), then scaled back, as the GPU kernels do."""
     q_x = quantize_activation(x, x_scale, fmt).reshape(-1, x.shape[-1])
     if fmt.dtype == torch.int8:
-        acc = (q_x.to(torch.int64) @ q_weight.to(torch.int64).t()).to(torch.float64)
+        acc = q_x.double() @ q_weight.double().t()  # exact: integer products and sums below 2**53
         y = (acc * x_scale * w_scales.double()).float()
     else:
         y = (q_x.float() @ q_weight.float().t()) * (x_scale * w_scales)
