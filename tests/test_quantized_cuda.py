@@ -132,3 +132,21 @@ def test_a_column_major_input_is_taken(precision, rows):
     got = quantized_linear(x.cuda(), qw.cuda(), scales.cuda(), x_scale, b.cuda(), torch.float32)
     expected = quantize.linear_reference(x, qw, scales, x_scale, b, fmt, torch.float32)
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("kernel", [1, 3])  # 1x1: through quantized_linear's low-precision product
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_cuda_convolution_computes_the_cpu_one(precision, kernel):
+    fmt = quantize.quant_format(precision)
+    g = torch.Generator().manual_seed(6)
+    w, b = torch.randn(64, 32, kernel, kernel, generator=g) * 0.05, torch.randn(64, generator=g)
+    qw, scales = quantize.quantize_weight(w, fmt)
+    x = torch.randn(2, 32, 9, 9, generator=g)
+    x_scale = quantize.activation_scale(float(x.abs().max()), fmt)
+    pad = [kernel // 2] * 2
+    expected = torch.ops.torchtrt_ext.quantized_conv(x, qw, scales, x_scale, b, [1, 1], pad, [1, 1], 1, torch.float32)
+    got = torch.ops.torchtrt_ext.quantized_conv(x.cuda().half(), qw.cuda(), scales.cuda(), x_scale, b.cuda().half(),
+                                                [1, 1], pad, [1, 1], 1, torch.float16)
+    assert got.dtype == torch.float16 and got.shape == expected.shape and got.is_contiguous()
+    tol = 1e-2 * float(expected.abs().max())
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=tol)

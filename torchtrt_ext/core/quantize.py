@@ -13,7 +13,9 @@ in float64, rounded once to float32, and activations multiply by the reciprocal 
 no int64 matrix product (so the int8 reference sums its exact products in float64, exact for K below
 2**53 / 127**2). linear_reference
 is what the GPU's low-precision matrix products compute (exact products, accumulated in int64 for int8
-and in float32 for fp8), for the CPU and for tests.
+and in float32 for fp8), for the CPU and for tests. conv_reference is a quantized convolution's
+numbers computed without a low-precision kernel (there is none for convolutions): the quantized
+input and weight dequantized, convolved in the input's dtype.
 """
 
 from __future__ import annotations
@@ -108,6 +110,44 @@ def linear_reference(
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], q_weight.shape[0]).to(out_dtype)
+
+
+def conv_reference(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    w_scales: torch.Tensor,
+    x_scale: float,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    fmt: QuantFormat,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """A convolution of x quantized per tensor and the weight per output channel: both quantized
+    values dequantized (x in float32 then to its dtype, as exact as that dtype holds them) and
+    convolved in x's dtype. padding: one value per spatial dimension (both sides), or two
+    (before, after) per dimension, in order, for the asymmetric padding of padding='same'."""
+    n = q_weight.dim() - 2
+    x_dq = (quantize_activation(x, x_scale, fmt).float() * x_scale).to(x.dtype)
+    if len(padding) == 2 * n:
+        x_dq, padding = _pad_asymmetric(x_dq, padding)
+    w_dq = dequantize_weight(q_weight, w_scales).to(x.dtype)
+    b = bias.to(x.dtype) if bias is not None else None
+    y = CONV_FUNCTIONS[n - 1](x_dq, w_dq, b, stride, padding, dilation, groups)
+    return y.to(out_dtype).contiguous()
+
+
+CONV_FUNCTIONS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)
+
+
+def _pad_asymmetric(x: torch.Tensor, padding: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """(x padded with zeros by what (before, after) pairs have beyond their smaller side, the symmetric
+    rest). Zeros quantize to zeros, so padding before or after quantizing is the same."""
+    pairs = list(zip(padding[0::2], padding[1::2]))
+    extra = [v for before, after in reversed(pairs) for v in (before - min(before, after), after - min(before, after))]
+    return torch.nn.functional.pad(x, extra), [min(pair) for pair in pairs]
 
 
 def _to_format(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:

@@ -1,18 +1,19 @@
-"""The quantized engines' graph pass (issue 16): over a lifted graph, before Inductor, each linear layer
-whose weight is an engine weight becomes one ``torchtrt_ext::quantized_linear`` call.
+"""The quantized engines' graph pass (issue 16): over a lifted graph, before Inductor, each quantizable
+layer whose weight is an engine weight becomes one ``torchtrt_ext::quantized_linear`` or
+``torchtrt_ext::quantized_conv`` call: linear layers, transformers' Conv1D (GPT-2's linear layers) and
+convolutions, as core/quantize_layers.py finds them.
 
 A layer is named as ``torchtrt_ext.calibrate`` names it: the module that made the call (the innermost
 entry of the node's ``nn_module_stack``, by its path in the model) + ":input". Its activation scale
 comes from the calibration cache's amax under that name and is baked into the graph; its weight is
 quantized per output channel into two new engine weights (the quantized values and their float32
-scales), placeholders appended after the graph's own. The model's weights stay as they are: the
-float weight keeps its slot (the engine's table aliases the model's tensor, and a refit loads new
-values there), and QuantPlan.requantize makes the quantized slots follow it.
+scales), placeholders appended after the graph's own. A Conv1D's weight, stored (in, out), is quantized
+transposed: its quantized slot is (out, in), as quantized_linear takes it. The model's weights stay as
+they are: the float weight keeps its slot (the engine's table aliases the model's tensor, and a refit
+loads new values there), and QuantPlan.requantize makes the quantized slots follow it.
 
 A layer without a calibration entry is a CalibrationError naming it, or with
-calibration_coverage='warn' a warning naming it, the layer left at the model's dtype. The graphs
-hold linear layers as ``aten.linear`` (torch.export) or ``torch._C._nn.linear`` (dynamo's graphs,
-before AOTAutograd); both take (input, weight, bias).
+calibration_coverage='warn' a warning naming it, the layer left at the model's dtype.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any
+from collections import Counter
 
 import torch
 import torch.fx
 
-from . import quantize, quantized_ops  # noqa: F401  (quantized_ops registers the op)
+from . import quantize
 from .calibration import CalibrationCache
 from .lifting import LiftedGraph, WeightSlot, own_copy
+from .quantize_layers import LINEAR_TARGETS, QUANTIZED_CONV, QUANTIZED_LINEAR, QUANTIZED_TARGETS, Site, find_sites
+
+__all__ = ["LINEAR_TARGETS", "QUANTIZED_CONV", "QUANTIZED_LINEAR", "QUANTIZED_TARGETS", "QuantPlan", "quantize_graph"]
 
 log = logging.getLogger("torchtrt_ext")
-
-LINEAR_TARGETS = (torch.ops.aten.linear.default, torch._C._nn.linear)
-QUANTIZED_LINEAR = torch.ops.torchtrt_ext.quantized_linear.default
 
 # Dynamo names a module by the source it was read from: L['self'].layers.0, G['model'].fc,
 # L['self']._modules['fc'], L['self'].layers[0], and L['args'][0].fc where a decorated forward takes
@@ -47,7 +48,9 @@ class QuantPlan:
     quantized, in the order of their new slots, and which layers it quantized or left as they were.
 
     The new slots follow the graph's own: source k's quantized weight is engine weight
-    `num_weights + 2k` at placeholder `num_placeholders + 2k`, its scales the next one."""
+    `num_weights + 2k` at placeholder `num_placeholders + 2k`, its scales the next one. transposed[k]:
+    source k is stored (in, out) (transformers' Conv1D) and quantized as its transpose, (out, in). (A
+    weight that one layer reads as (out, in) and another as (in, out) is two sources.)"""
 
     fmt: quantize.QuantFormat
     sources: tuple[int, ...]
@@ -55,23 +58,30 @@ class QuantPlan:
     num_placeholders: int
     layers: tuple[str, ...]  # the calibration names of the layers quantized
     uncovered: tuple[str, ...]  # the layers left at the model's dtype (calibration_coverage='warn')
+    transposed: tuple[bool, ...] = ()  # per source (empty: none is)
 
     def quantized_indices(self, source: int) -> tuple[int, int] | None:
         """The engine weight indices (quantized weight, scales) made from weight `source`, or None."""
-        try:
-            k = self.sources.index(source)
-        except ValueError:
-            return None
-        return self.num_weights + 2 * k, self.num_weights + 2 * k + 1
+        found = self._entries(source)
+        return (self.num_weights + 2 * found[0], self.num_weights + 2 * found[0] + 1) if found else None
 
     def requantize(self, source: int, value: torch.Tensor) -> dict[int, torch.Tensor]:
         """New values of the quantized slots made from weight `source`, when it takes `value` (a refit
         or the model's own change): the same arithmetic as at build time; the activation scales stay."""
-        indices = self.quantized_indices(source)
-        if indices is None:
-            return {}
-        q, scales = quantize.quantize_weight(value, self.fmt)
-        return {indices[0]: q, indices[1]: scales}
+        out = {}
+        for k in self._entries(source):
+            out[self.num_weights + 2 * k], out[self.num_weights + 2 * k + 1] = self._quantize(value, k)
+        return out
+
+    def _entries(self, source: int) -> list[int]:
+        return [k for k, s in enumerate(self.sources) if s == source]
+
+    def _quantize(self, value: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source k's value quantized as its slot holds it: a Conv1D's transposed, row-major (out, in)."""
+        if not (self.transposed and self.transposed[k]):
+            return quantize.quantize_weight(value, self.fmt)
+        q, scales = quantize.quantize_weight(value.t(), self.fmt)
+        return q.contiguous(), scales
 
     def extend(self, lifted: LiftedGraph) -> LiftedGraph:
         """`lifted` with the quantized slots appended: the quantized copies of its own weights (real
@@ -83,9 +93,9 @@ class QuantPlan:
             )
         fake_mode = torch._guards.detect_fake_mode(lifted.example_args)
         weights, args = list(lifted.weights), list(lifted.example_args)
-        for source in self.sources:
+        for k, source in enumerate(self.sources):
             slot = lifted.weights[source]
-            q, scales = quantize.quantize_weight(slot.tensor, self.fmt)
+            q, scales = self._quantize(slot.tensor, k)
             for tensor, role in ((q, self.fmt.name), (scales, f"{self.fmt.name}_scales")):
                 weights.append(WeightSlot(len(args), f"{slot.name}:{role}", tensor))
                 args.append(fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None else tensor)
@@ -93,7 +103,7 @@ class QuantPlan:
 
 
 def layer_name(node: torch.fx.Node) -> str | None:
-    """The calibration name of a linear node's input: its innermost module's path + ':input'; None
+    """The calibration name of a layer node's input: its innermost module's path + ':input'; None
     where the node records no module (a call outside any module)."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
@@ -115,8 +125,8 @@ def module_path(source: str) -> str:
 
 
 def quantize_graph(lifted: LiftedGraph, precision: str, cache: CalibrationCache, coverage: str) -> tuple[LiftedGraph, QuantPlan]:
-    """The lifted graph quantized: a copy of its graph with each covered linear layer one
-    quantized_linear call and the new weight placeholders appended (the graph given stays as it is:
+    """The lifted graph quantized: a copy of its graph with each covered layer one quantized_linear
+    or quantized_conv call and the new weight placeholders appended (the graph given stays as it is:
     dynamo reads its own after the backend returns), the quantized weights among its weights; and the
     plan. Raises CalibrationError for uncovered layers (coverage 'error') and for a non-finite or
     non-positive amax."""
@@ -124,16 +134,13 @@ def quantize_graph(lifted: LiftedGraph, precision: str, cache: CalibrationCache,
     gm = lifted.gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weight_of = {placeholders[w.position]: i for i, w in enumerate(lifted.weights)}
-    found: list[tuple[torch.fx.Node, int, str]] = []  # (linear node, source weight index, layer name)
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
-            continue
-        x, weight, bias = _linear_args(node)
-        source = weight_of.get(weight)
-        if source is None or lifted.weights[source].tensor.dim() != 2:
+    found: list[tuple[Site, int, str]] = []  # (layer call, source weight index, layer name)
+    for site in find_sites(gm.graph):
+        source = weight_of.get(site.weight)
+        if source is None or lifted.weights[source].tensor.dim() != site.weight_dims:
             continue  # a weight computed in the graph, or a caller's input: not the engine's to quantize
-        name = layer_name(node) or f"<a linear call outside any module, weight {lifted.weights[source].name}>"
-        found.append((node, source, name))
+        name = layer_name(site.node) or f"<a layer call outside any module, weight {lifted.weights[source].name}>"
+        found.append((site, source, name))
     names = sorted({name for _, _, name in found})
     missing = cache.missing(names)
     if missing and coverage == "error":
@@ -143,18 +150,18 @@ def quantize_graph(lifted: LiftedGraph, precision: str, cache: CalibrationCache,
             "torchtrt_ext: the calibration cache has no amax for %d layer(s) of %d; they run at the model's dtype "
             "(calibration_coverage='warn'): %s", len(missing), len(names), ", ".join(missing)
         )
-    covered = [(node, source, name) for node, source, name in found if name not in missing]
+    covered = [(site, source, name) for site, source, name in found if name not in missing]
     scales = {name: quantize.activation_scale(cache.amax(name), fmt, name) for _, _, name in covered}
-    sources = tuple(dict.fromkeys(source for _, source, _ in covered))
-    plan = QuantPlan(fmt, sources, len(lifted.weights), lifted.num_placeholders, tuple(sorted(scales)), tuple(missing))
-    if not sources:
+    keys = list(dict.fromkeys((source, site.transposed) for site, source, _ in covered))  # one slot pair each
+    plan = QuantPlan(fmt, tuple(s for s, _ in keys), len(lifted.weights), lifted.num_placeholders, tuple(sorted(scales)),
+                     tuple(missing), tuple(t for _, t in keys))
+    if not keys:
         return lifted, plan
     extended = plan.extend(lifted)
     gm = extended.gm = own_copy(gm)
     nodes = dict(zip(lifted.gm.graph.nodes, gm.graph.nodes))  # the copy holds the same nodes, in order
     if any(old.name != new.name for old, new in nodes.items()):
         raise ValueError("quantize_graph: the graph's copy holds other nodes")
-    covered = [(nodes[node], source, name) for node, source, name in covered]
     new_nodes = []
     previous = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     for slot, example in zip(extended.weights[plan.num_weights :], extended.example_args[plan.num_placeholders :]):
@@ -162,34 +169,20 @@ def quantize_graph(lifted: LiftedGraph, precision: str, cache: CalibrationCache,
             previous = gm.graph.placeholder("quantized_" + re.sub(r"\W", "_", slot.name))
         previous.meta["val"] = previous.meta["example_value"] = example
         new_nodes.append(previous)
-    for node, source, name in covered:
-        x, _, bias = _linear_args(node)
-        k = sources.index(source)
-        out = node.meta.get("val", node.meta.get("example_value"))
-        out_dtype = out.dtype if isinstance(out, torch.Tensor) else _dtype_of(x)
-        with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_function(
-                QUANTIZED_LINEAR, (x, new_nodes[2 * k], new_nodes[2 * k + 1], scales[name], bias, out_dtype)
-            )
-        replacement.meta.update(node.meta)
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
+    for site, source, name in covered:
+        site = _in_copy(site, nodes)
+        k = keys.index((source, site.transposed))
+        replacement = site.quantized_call(gm.graph, new_nodes[2 * k], new_nodes[2 * k + 1], scales[name])
+        site.node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(site.node)
     gm.graph.lint()
     gm.recompile()
-    log.info("torchtrt_ext: %s engine: %d linear layer(s) quantized, %d weight(s)", fmt.name, len(covered), len(sources))
+    kinds = Counter("conv" if site.conv else "Conv1D" if site.transposed else "linear" for site, _, _ in covered)
+    log.info("torchtrt_ext: %s engine: %d layer(s) quantized (%s), %d weight(s)", fmt.name, len(covered),
+             ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())), len(keys))
     return extended, plan
 
 
-def _linear_args(node: torch.fx.Node) -> tuple[Any, Any, Any]:
-    """(input, weight, bias) of a linear call, given by position or keyword."""
-    args, kwargs = list(node.args), node.kwargs
-    names = ("input", "weight", "bias")
-    values = [args[i] if i < len(args) else kwargs.get(name) for i, name in enumerate(names)]
-    return values[0], values[1], values[2]
-
-
-def _dtype_of(x: Any) -> torch.dtype:
-    value = x.meta.get("val", x.meta.get("example_value")) if isinstance(x, torch.fx.Node) else x
-    if not isinstance(value, torch.Tensor):
-        raise ValueError("quantize_graph: a linear layer's input records no tensor value (meta['val'])")
-    return value.dtype
+def _in_copy(site: Site, nodes: dict[torch.fx.Node, torch.fx.Node]) -> Site:
+    """The site with its nodes (the call and its arguments) those of the graph's copy."""
+    return dataclasses.replace(site, **{f: torch.fx.map_arg(getattr(site, f), nodes.__getitem__) for f in ("node", "x", "weight", "bias")})

@@ -1,5 +1,5 @@
-"""The quantized engines' operator (issue 16): ``torch.ops.torchtrt_ext.quantized_linear``, one node that
-a quantized graph holds in place of a linear layer, so that export, Inductor and the engine files see
+"""The quantized engines' operators (issue 16): ``torch.ops.torchtrt_ext.quantized_linear`` and
+``quantized_conv``, one node that a quantized graph holds in place of a linear or convolution layer, so that export, Inductor and the engine files see
 one op with a schema rather than the arithmetic spelled out.
 
     quantized_linear(x, q_weight, w_scales, x_scale, bias, out_dtype) -> Tensor
@@ -13,6 +13,19 @@ output row-wise scaling takes), int8 through torch._int_mm (int32 accumulation: 
 about 130k) scaled in float32. Both quantize the activation with quantize.quantize_activation, as the
 reference does. Shapes the kernels refuse (int8: fewer than 17 rows, which the rows are padded to;
 sizes not multiples of 16) run the reference arithmetic on the GPU instead.
+
+    quantized_conv(x, q_weight, w_scales, x_scale, bias, stride, padding, dilation, groups, out_dtype) -> Tensor
+
+A convolution (1, 2 or 3 spatial dimensions) with its weight quantized per output channel
+(q_weight (out, in / groups, *kernel), float32 w_scales (out,)) and its input per tensor (x_scale).
+There is no low-precision convolution kernel (torch has no fp8 or int8 convolution on CUDA), so this
+op gains no speed: it quantizes the input with the static scale (saturating, rounded as for linear
+layers), dequantizes it and the weight, and convolves in the model's dtype (quantize.conv_reference).
+Its numbers are those of the quantized convolution, and the engine stores the weight's quantized bytes
+(a quarter of float32's); the dequantized weight is made anew at each call. On CUDA, a 1x1
+convolution (stride 1, no padding, one group) runs as quantized_linear over the channels, the
+low-precision matrix product. padding: one value per spatial dimension, or (before, after) pairs
+(padding='same' of an even kernel).
 """
 
 from __future__ import annotations
@@ -80,3 +93,64 @@ def _(x, q_weight, w_scales, x_scale, bias, out_dtype):
 
 
 _INT_MM_MIN_ROWS = 17  # torch._int_mm takes more than 16 rows
+
+
+def _check_conv(x, q_weight, w_scales, bias, stride, padding, dilation, groups) -> int:
+    """The number of spatial dimensions, after checking the arguments against each other."""
+    if q_weight.dtype not in _FORMAT_OF:
+        raise ValueError(f"quantized_conv: the weight is {q_weight.dtype}; it must be int8 or float8_e4m3fn")
+    n = q_weight.dim() - 2
+    if not 1 <= n <= 3 or x.dim() not in (n + 1, n + 2) or x.shape[x.dim() - n - 1] != q_weight.shape[1] * groups:
+        raise ValueError(
+            f"quantized_conv: an input of shape {tuple(x.shape)} for a weight of shape {tuple(q_weight.shape)} in {groups} group(s)"
+        )
+    if len(stride) != n or len(dilation) != n or len(padding) not in (n, 2 * n):
+        raise ValueError(f"quantized_conv: stride {stride}, dilation {dilation} and padding {padding} for {n} spatial dimension(s)")
+    if w_scales.shape != (q_weight.shape[0],) or w_scales.dtype != torch.float32:
+        raise ValueError(f"quantized_conv: w_scales must be float32 of shape ({q_weight.shape[0]},), got {w_scales.dtype} {tuple(w_scales.shape)}")
+    if bias is not None and bias.shape != (q_weight.shape[0],):
+        raise ValueError(f"quantized_conv: bias of shape {tuple(bias.shape)} for {q_weight.shape[0]} outputs")
+    return n
+
+
+@torch.library.custom_op("torchtrt_ext::quantized_conv", mutates_args=())
+def quantized_conv(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    w_scales: torch.Tensor,
+    x_scale: float,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    _check_conv(x, q_weight, w_scales, bias, stride, padding, dilation, groups)
+    fmt = _FORMAT_OF[q_weight.dtype]
+    return quantize.conv_reference(x, q_weight, w_scales, x_scale, bias, stride, padding, dilation, groups, fmt, out_dtype)
+
+
+@quantized_conv.register_fake
+def _(x, q_weight, w_scales, x_scale, bias, stride, padding, dilation, groups, out_dtype):
+    n = _check_conv(x, q_weight, w_scales, bias, stride, padding, dilation, groups)
+    if len(padding) == 2 * n:
+        padding = [before + after for before, after in zip(padding[0::2], padding[1::2])]
+        x = x.new_empty((*x.shape[: x.dim() - n], *(s + p for s, p in zip(x.shape[x.dim() - n :], padding))))
+        padding = [0] * n
+    weight = q_weight.new_empty(q_weight.shape, dtype=x.dtype)
+    y = quantize.CONV_FUNCTIONS[n - 1](x, weight, None, stride, padding, dilation, groups)
+    return y.to(out_dtype).contiguous()
+
+
+@quantized_conv.register_kernel("cuda")
+def _(x, q_weight, w_scales, x_scale, bias, stride, padding, dilation, groups, out_dtype):
+    n = _check_conv(x, q_weight, w_scales, bias, stride, padding, dilation, groups)
+    pointwise = groups == 1 and all(k == 1 for k in q_weight.shape[2:]) and all(s == 1 for s in stride) and not any(padding)
+    if not pointwise:
+        fmt = _FORMAT_OF[q_weight.dtype]
+        return quantize.conv_reference(x, q_weight, w_scales, x_scale, bias, stride, padding, dilation, groups, fmt, out_dtype)
+    channels = x.dim() - n - 1  # 0 for an unbatched input
+    rows = x.movedim(channels, -1)
+    y = torch.ops.torchtrt_ext.quantized_linear(rows, q_weight.reshape(q_weight.shape[:2]), w_scales, x_scale, bias, out_dtype)
+    return y.movedim(-1, channels).contiguous()
