@@ -128,8 +128,7 @@ class ConvNet(torch.nn.Module):
     def forward(self, x):
         h = torch.relu(self.stem(x))
         h = torch.relu(self.norm(self.down(h)))
-        h = torch.relu(self.point(h))
-        h = torch.relu(self.same(h))
+        h = torch.relu(self.same(self.point(h)))  # one layer's output the next one's input, directly
         h = torch.relu(self.volume(h.unsqueeze(2)).squeeze(2))
         h = torch.relu(self.line(h.flatten(2)))
         return self.head(h.mean(-1))

@@ -82,13 +82,14 @@ def find_sites(graph: torch.fx.Graph) -> list[Site]:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        site = _site(node)
+        site = site_of(node)
         if site is not None:
             sites.append(site)
     return sites
 
 
-def _site(node: torch.fx.Node) -> Site | None:
+def site_of(node: torch.fx.Node) -> Site | None:
+    """The quantizable layer call that `node` is, read from its arguments as they are now; or None."""
     if node.target in LINEAR_TARGETS:
         x, weight, bias = _args(node, ("input", "weight", "bias"), {"bias": None})
         return Site(node, x, weight, bias)

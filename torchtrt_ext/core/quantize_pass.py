@@ -29,7 +29,7 @@ import torch.fx
 from . import quantize
 from .calibration import CalibrationCache
 from .lifting import LiftedGraph, WeightSlot, own_copy
-from .quantize_layers import LINEAR_TARGETS, QUANTIZED_CONV, QUANTIZED_LINEAR, QUANTIZED_TARGETS, Site, find_sites
+from .quantize_layers import LINEAR_TARGETS, QUANTIZED_CONV, QUANTIZED_LINEAR, QUANTIZED_TARGETS, Site, find_sites, site_of
 
 __all__ = ["LINEAR_TARGETS", "QUANTIZED_CONV", "QUANTIZED_LINEAR", "QUANTIZED_TARGETS", "QuantPlan", "quantize_graph"]
 
@@ -170,7 +170,8 @@ def quantize_graph(lifted: LiftedGraph, precision: str, cache: CalibrationCache,
         previous.meta["val"] = previous.meta["example_value"] = example
         new_nodes.append(previous)
     for site, source, name in covered:
-        site = _in_copy(site, nodes)
+        # read in the copy as it is now: an input that an earlier layer was is that layer's replacement
+        site = site_of(nodes[site.node])
         k = keys.index((source, site.transposed))
         replacement = site.quantized_call(gm.graph, new_nodes[2 * k], new_nodes[2 * k + 1], scales[name])
         site.node.replace_all_uses_with(replacement)
@@ -182,7 +183,3 @@ def quantize_graph(lifted: LiftedGraph, precision: str, cache: CalibrationCache,
              ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())), len(keys))
     return extended, plan
 
-
-def _in_copy(site: Site, nodes: dict[torch.fx.Node, torch.fx.Node]) -> Site:
-    """The site with its nodes (the call and its arguments) those of the graph's copy."""
-    return dataclasses.replace(site, **{f: torch.fx.map_arg(getattr(site, f), nodes.__getitem__) for f in ("node", "x", "weight", "bias")})
