@@ -9,8 +9,8 @@
   taken round by round against the fp16 engine, cosine similarity of the outputs to it.
 * accuracy: every zoo model (benchmarks.bench_zoo's models and inputs), calibrated on 32 batches from
   its input distribution; cosine of the fp8 and int8 engines' first output against the fp16 engine's,
-  and how many linear layers were quantized (convolutions and GPT-2's Conv1D are not yet: their
-  models show fewer, or none).
+  and how many layers were quantized: linear layers, transformers' Conv1D (GPT-2) and convolutions
+  (these through quantized_conv, which stores quantized weights but has no low-precision kernel).
 Quick mode (and the CPU): tiny configs, fewer batches, float32.
 """
 
