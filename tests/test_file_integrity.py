@@ -302,7 +302,7 @@ SCHEMA_REFUSALS = {
     "weights in a stripped file": (_stored_region_in_a_stripped_file, r"'tensors\[0\]\.region' is present in a weight-stripped file"),
     "invalid settings": (_set(("settings", "engine"), "bogus"), r"'settings' are not valid settings \(option 'engine' must be one of"),
     "an unknown setting": (_set(("settings", "evil"), 1), r"'settings' are not valid settings"),
-    "another format version": (_set(("format_version",), 1), r"'format_version' is 1, not 2 \(the preamble's version\)"),
+    "another format version": (_set(("format_version",), 1), rf"'format_version' is 1, not {file_layout.FORMAT_VERSION} \(the preamble's version\)"),
     "a negative device index": (_set(("device", "index"), -1), r"'device' .* is not a device"),
 }
 

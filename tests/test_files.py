@@ -118,12 +118,12 @@ def test_clear_errors_for_wrong_files_versions_and_devices(tmp_path):
         "magic": (b"NOTTRTX\0" + data[8:], "not a torchtrt_ext engine file (bad magic bytes)"),
         "older": (
             data[:8] + struct.pack("<I", 1) + data[12:],
-            "engine file format version 1: written by an older torchtrt_ext; this one reads version 2 only. "
+            "engine file format version 1: written by an older torchtrt_ext; this one reads version 3 only. "
             "The file must be saved again",
         ),
         "newer": (
-            data[:8] + struct.pack("<I", 3) + data[12:],
-            "engine file format version 3: written by a newer torchtrt_ext; this one reads version 2",
+            data[:8] + struct.pack("<I", 4) + data[12:],
+            "engine file format version 4: written by a newer torchtrt_ext; this one reads version 3",
         ),
         "trailing": (data + b"\0", "has trailing bytes: the header describes"),
         "empty": (b"", "truncated: 0 bytes, shorter than the 32-byte preamble"),
@@ -160,7 +160,7 @@ def test_inspect_command_prints_the_header_and_refuses_corrupt_files(tmp_path, c
     torchtrt_ext.save(compiled, path)
     assert cli(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "torchtrt_ext engine file, format version 2" in out and "fc1.weight: float32 (64, 32) 8192 bytes" in out
+    assert "torchtrt_ext engine file, format version 3" in out and "fc1.weight: float32 (64, 32) 8192 bytes" in out
     assert "weights: 29248 bytes" in out
     path.write_bytes(path.read_bytes()[:100])
     assert cli(["inspect", str(path)]) == 1

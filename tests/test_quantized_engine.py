@@ -357,14 +357,6 @@ def test_settings_round_trip_the_calibration_as_text():
     assert again.calibration == cache and again == s
 
 
-def test_save_of_a_quantized_engine_is_refused(tmp_path):
-    model = _mlp()
-    x = _mlp_input()
-    compiled = torchtrt_ext.compile(model, (x,), precision="int8", calibration=_cache(model, _mlp_batches()), engine="builtin")
-    with pytest.raises(torchtrt_ext.TorchTRTExtError, match="saving quantized engines .* is not supported yet"):
-        torchtrt_ext.save(compiled, str(tmp_path / "q.ttx"))
-
-
 # --- refit -----------------------------------------------------------------------------------------
 
 

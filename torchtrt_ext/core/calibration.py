@@ -20,6 +20,7 @@ a CalibrationError giving the line number.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -95,6 +96,11 @@ class CalibrationCache:
                 "calibrate again with inputs that reach them, or pass calibration_coverage='warn' to leave them "
                 "unquantized"
             )
+
+    def digest(self) -> str:
+        """The sha256 of the cache in torchtrt_ext's format (dumps()): its whole content (entries, method,
+        model fingerprint, calibration set), as engine files and the engine cache's key name it."""
+        return hashlib.sha256(self.dumps().encode()).hexdigest()
 
     # --- files --------------------------------------------------------------------------------------
 

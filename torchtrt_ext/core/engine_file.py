@@ -24,6 +24,7 @@ from .file_layout import (  # noqa: F401  (the layout's names, for the writer an
     Blob,
     Device,
     Header,
+    Quantization,
     Region,
     TensorEntry,
     aligned,

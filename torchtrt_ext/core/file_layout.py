@@ -2,7 +2,7 @@
 preamble, the header schema (dataclasses, each field checked by Header.from_json) and the regions.
 The writer and the checked reader: engine_file.py; the region checksum: file_checksum.py.
 
-File (format version 2; little-endian)
+File (format version 3; little-endian)
 
     offset 0    preamble, 32 bytes: PREAMBLE_FIELDS (magic b"TTRTEXT\\0", format version, flags 0,
                 header length, CRC-32 of the header, reserved 0)
@@ -33,6 +33,8 @@ Header
     programs: list[Blob]                        each graph (torch.export.save, weights left out)
     artifacts: list[Artifact | None]            per program, its compiled code saved whole, or null
     inductor_cache: Blob | None                 torch.compiler.save_cache_artifacts(), or null
+    quantization: list[Quantization | None]     per program, its quantization plan (precision int8 or fp8), or
+                                                null (precision 'model')
     data_size: int                              bytes in the data section
     format_version: int                         FORMAT_VERSION, as in the preamble
 Device
@@ -43,11 +45,13 @@ Device
 TensorEntry
     name: str                                   names[0]: the name messages use
     names: list[str]                            every name of the tensor (tied weights share one)
-    kind: str                                   "state" (state_dict) or "constant"
+    kind: str                                   "state" (state_dict), "constant", or "quantized" (an engine's
+                                                quantized weight or its scales, named by a Quantization)
     parameter: bool                             an nn.Parameter
     dtype: str                                  a key of DTYPES
     shape: list[int]
-    region: Region | None                       null only for a state tensor of a weight-stripped file
+    region: Region | None                       null only for a state or quantized tensor of a weight-stripped
+                                                file (a refit re-quantizes the weights it gives)
 Blob
     name: str                                   unique among the blobs
     region: Region | None                       never null in a file
@@ -56,6 +60,18 @@ Artifact
     binding: dict[str, Any]                     what binds the code to a model (wrapper._Variant.binding),
                                                 checked where it is used (wrapper._variant_from_file)
     region: Region | None                       never null in a file
+Quantization
+    format: str                                 "int8" or "fp8": the settings' precision
+    calibration: str                            CalibrationCache.digest() of the settings' calibration: the
+                                                cache the plan was made with (its text is in the settings)
+    sources: list[int]                          the float weights quantized, by index among the graph's
+                                                weights, in the order of their quantized slots
+    num_weights: int                            the graph's weights before quantization
+    num_placeholders: int                       its placeholders before quantization
+    layers: list[str]                           the layers quantized, by calibration name
+    uncovered: list[str]                        the layers left at the model's dtype (calibration_coverage='warn')
+    tensors: list[str]                          per source, the names of its quantized weight and of its
+                                                float32 scales (tensors of kind "quantized")
 Region
     offset: int                                 from the data start; a multiple of ALIGN
     nbytes: int                                 the data's length
@@ -68,23 +84,22 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import inspect
-import json
 import math
 import re
 import struct
-import types
-import typing
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-from .errors import EngineFileError
+from . import json_schema, quantize
+from .json_schema import field_error as _field, hints as _hints
 from .settings import Settings
 from .file_checksum import BLOCK, CHECKSUM_BITS
 
 MAGIC = b"TTRTEXT\0"
 # 2: per-region positional checksums (62 bits) in place of word sums; the header schema (Header).
-FORMAT_VERSION = 2
+# 3: quantized engines (Header.quantization, tensors of kind 'quantized').
+FORMAT_VERSION = 3
 ALIGN = 4096
 PREAMBLE_FIELDS = (
     ("magic", "8s"),
@@ -184,7 +199,19 @@ class Artifact:
     region: Region | None = None
 
 
-TENSOR_KINDS = ("state", "constant")
+@dataclasses.dataclass
+class Quantization:
+    format: str
+    calibration: str
+    sources: list[int]
+    num_weights: int
+    num_placeholders: int
+    layers: list[str]
+    uncovered: list[str]
+    tensors: list[str]
+
+
+TENSOR_KINDS = ("state", "constant", "quantized")
 PARAMETER_KINDS = ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD", "VAR_POSITIONAL", "KEYWORD_ONLY", "VAR_KEYWORD")
 assert all(getattr(inspect.Parameter, k).name == k for k in PARAMETER_KINDS)
 
@@ -205,18 +232,19 @@ class Header:
     programs: list[Blob]
     artifacts: list[Artifact | None]
     inductor_cache: Blob | None
+    quantization: list[Quantization | None]
     data_size: int = 0
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
-        return _to_json(self)
+        return json_schema.to_json(self)
 
     @classmethod
     def from_json(cls, data: Any) -> "Header":
         """The header of JSON data, every field checked: types, required and unknown keys (each
         dataclass's fields, all required), then what the fields must agree on (below). Raises
         EngineFileError naming the field."""
-        header = _from_json(cls, data, "")
+        header = json_schema.from_json(cls, data, "")
         header._check()
         return header
 
@@ -239,8 +267,8 @@ class Header:
         if not self.device.type or (self.device.index is not None and self.device.index < 0):
             raise _field("device", f"{self.device} is not a device")
         try:
-            Settings(**self.settings)
-        except (TypeError, ValueError) as exc:  # OptionError is a ValueError
+            settings = Settings(**self.settings)
+        except (TypeError, ValueError) as exc:  # OptionError and CalibrationError are ValueErrors
             raise _field("settings", f"are not valid settings ({exc})") from None
         for i, (name, kind, _) in enumerate(self.forward_parameters):
             if kind not in PARAMETER_KINDS:
@@ -260,13 +288,14 @@ class Header:
                 raise _field(f"{where}.dtype", f"{t.dtype!r} is not a known dtype")
             if any(d < 0 for d in t.shape):
                 raise _field(f"{where}.shape", f"{t.shape} has a negative size")
-            stored = self.weights_included or t.kind == "constant"
+            stored = self.weights_included or t.kind == "constant"  # state and quantized tensors: with the weights
             if (t.region is not None) != stored:
                 raise _field(f"{where}.region", "is missing" if stored else "is present in a weight-stripped file")
             if t.region is not None and t.region.nbytes != t.data_nbytes:
                 raise _field(f"{where}.region.nbytes", f"is {t.region.nbytes}; dtype {t.dtype} and shape {t.shape} need {t.data_nbytes}")
         if not self.programs:
             raise _field("programs", "is empty")
+        self._check_quantization(settings)
         if len(self.artifacts) != len(self.programs):
             raise _field("artifacts", f"has {len(self.artifacts)} entries for {len(self.programs)} programs")
         blobs: set[str] = set()
@@ -290,101 +319,44 @@ class Header:
         if self.data_size != end:
             raise _field("data_size", f"is {self.data_size}; the regions take {end} bytes")
 
-
-def _field(where: str, what: str) -> EngineFileError:
-    return EngineFileError(f"header field {where!r} {what}")
-
-
-def _describe_type(tp: Any) -> str:
-    if dataclasses.is_dataclass(tp):
-        return f"a {tp.__name__} object"
-    names = {int: "an integer", str: "a string", bool: "a boolean", type(None): "null", Any: "any value"}
-    if tp in names:
-        return names[tp]
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe_type(a) for a in args)
-    if origin is list:
-        return f"a list (each {_describe_type(args[0])})"
-    if origin is tuple:
-        return f"a list of {len(args)} ({', '.join(_describe_type(a) for a in args)})"
-    if origin is dict:
-        return "an object"
-    return str(tp)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, (set, bytes)) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _from_json(tp: Any, value: Any, where: str) -> Any:
-    """`value` (parsed JSON) as type `tp` (a schema dataclass or a field annotation), checked."""
-    def bad() -> EngineFileError:
-        got = "null" if value is None else f"{type(value).__name__} {_short(value)}"
-        return _field(where or "(the header)", f"must be {_describe_type(tp)}, got {got}")
-
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad()
-        fields = {f.name: f for f in dataclasses.fields(tp)}
-        hints = _hints(tp)
-        for key in value:
-            if key not in fields:
-                raise _field(where or "(the header)", f"has an unknown key {key!r}")
-        for name in fields:
-            if name not in value:
-                raise _field(f"{where}.{name}" if where else name, "is missing")
-        return tp(**{name: _from_json(hints[name], value[name], f"{where}.{name}" if where else name) for name in fields})
-    if tp is Any:
-        return value
-    if tp in (int, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise bad()
-        return value
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (arm,) = [a for a in args if a is not type(None)]  # the schema's unions are all "X | None"
-        if value is None:
-            raise bad()
-        return _from_json(arm, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad()
-        return [_from_json(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, list) or len(value) != len(args):
-            raise bad()
-        return tuple(_from_json(a, item, f"{where}[{i}]") for i, (a, item) in enumerate(zip(args, value)))
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise bad()
-        return {k: _from_json(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    raise TypeError(f"the header schema uses a type it cannot check: {tp}")
+    def _check_quantization(self, settings: Settings) -> None:
+        """One plan per program where the settings quantize (none elsewhere), made with the settings'
+        calibration cache, its tensors present with the format's dtypes and matching shapes."""
+        if len(self.quantization) != len(self.programs):
+            raise _field("quantization", f"has {len(self.quantization)} entries for {len(self.programs)} programs")
+        quantized = {t.name: t for t in self.tensors if t.kind == "quantized"}
+        named: set[str] = set()
+        for i, q in enumerate(self.quantization):
+            where = f"quantization[{i}]"
+            if (q is None) == settings.quantized:
+                raise _field(where, f"is {'missing' if q is None else 'present'}, but the settings' precision is {settings.precision!r}")
+            if q is None:
+                continue
+            if q.format != settings.precision:
+                raise _field(f"{where}.format", f"{q.format!r} is not the settings' precision {settings.precision!r}")
+            if q.calibration != settings.calibration.digest():
+                raise _field(f"{where}.calibration", "is not the digest of the settings' calibration cache (a plan made with another cache)")
+            if len(set(q.sources)) != len(q.sources) or not all(0 <= s < q.num_weights <= q.num_placeholders for s in q.sources):
+                raise _field(f"{where}.sources", f"{q.sources} are not distinct weights of {q.num_weights} (of {q.num_placeholders} placeholders)")
+            if len(q.tensors) != 2 * len(q.sources):
+                raise _field(f"{where}.tensors", f"has {len(q.tensors)} names for {len(q.sources)} sources (a weight and its scales each)")
+            dtype = str(quantize.quant_format(q.format).dtype).removeprefix("torch.")
+            for k in range(0, len(q.tensors), 2):
+                weight, scales = (quantized.get(n) for n in q.tensors[k : k + 2])
+                if weight is None or scales is None:
+                    missing = q.tensors[k] if weight is None else q.tensors[k + 1]
+                    raise _field(f"{where}.tensors", f"names {missing!r}, which is no tensor of kind 'quantized'")
+                if weight.dtype != dtype or len(weight.shape) != 2:
+                    raise _field(f"{where}.tensors", f"names {weight.name!r} of {weight.dtype} {weight.shape}; an {q.format} weight is {dtype}, 2-D")
+                if scales.dtype != "float32" or scales.shape != weight.shape[:1]:
+                    raise _field(f"{where}.tensors", f"names {scales.name!r} of {scales.dtype} {scales.shape} as the scales of a {weight.shape} weight: they are float32 {weight.shape[:1]}")
+            named.update(q.tensors)
+        unnamed = sorted(quantized.keys() - named)
+        if unnamed:
+            raise _field("tensors", f"hold quantized tensors that no quantization plan names: {', '.join(map(repr, unnamed))}")
 
 
-def _to_json(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    return value
-
-
-_SCHEMA = (Header, Device, TensorEntry, Blob, Artifact, Region)
+_SCHEMA = (Header, Device, TensorEntry, Blob, Artifact, Quantization, Region)
 
 
 def check_layout() -> None:

@@ -12,11 +12,12 @@ from ..core.settings import Settings
 from . import tensorrt
 from .base import Engine, MemoryUse
 from .builtin import BuiltinEngine
+from .quantized import SavedQuantization
 from .streamed import StreamedEngine
 
 log = logging.getLogger("torchtrt_ext")
 
-__all__ = ["Engine", "MemoryUse", "BuiltinEngine", "StreamedEngine", "auto_choice", "resolve_kind", "build_engine", "needed_writes"]
+__all__ = ["Engine", "MemoryUse", "BuiltinEngine", "StreamedEngine", "auto_choice", "resolve_kind", "build_engine", "needed_writes", "SavedQuantization"]
 
 
 def auto_choice() -> str:
@@ -67,21 +68,25 @@ def build_engine(
     keep_artifact: bool = False,
     like: Engine | None = None,
     writes: Sequence[int] | None = None,
+    saved: SavedQuantization | None = None,
 ) -> Engine:
     """artifact / keep_artifact: see BuiltinEngine (the engine cache's compiled code, saved whole).
     like: an engine of the same graph; the new one computes with lifted's weights, sharing the compiled
     code where the engine kind can (a resident built-in engine), else compiled anew. writes: the inputs
     the compiled code writes in place, as the caller knows them (the wrapper finds them itself: it
-    copies written values back); None: found here from the graph where the engine needs them, else none."""
+    copies written values back); None: found here from the graph where the engine needs them, else none.
+    saved: a quantized engine's plan and quantized weights from an engine file (resident engines only:
+    files hold no weight-streaming engine)."""
     kind = resolve_kind(settings)
     if writes is None:
         writes = needed_writes(lifted, settings)
     if kind == "builtin" and settings.weight_streaming:
-        if artifact is not None or keep_artifact:
-            raise TorchTRTExtError("weight-streaming engines are compiled per segment; they have no compiled artifact")
+        if artifact is not None or keep_artifact or saved is not None:
+            raise TorchTRTExtError("weight-streaming engines are compiled per segment; they have no compiled artifact or saved plan")
         return StreamedEngine(lifted, settings, writes=writes)  # owns its weights' copies: nothing to share with `like`
     if kind == "builtin":
         return BuiltinEngine(
-            lifted, settings, artifact, keep_artifact, compiled_from=like if isinstance(like, BuiltinEngine) else None, writes=writes
+            lifted, settings, artifact, keep_artifact, compiled_from=like if isinstance(like, BuiltinEngine) else None, writes=writes,
+            saved=saved,
         )
     raise EngineUnavailableError(f"engine kind {kind!r} is not available")  # pragma: no cover

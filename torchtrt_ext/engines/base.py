@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from ..core.inductor import frame_callback, run_disabled
+from ..core.quantize_pass import QuantPlan
 from ..core.runtime import Runner
 from ..core.settings import Settings
 
@@ -46,6 +47,8 @@ class Engine(abc.ABC):
     # The compiled code saved whole, for the engine cache (bytes), where the engine was built to keep
     # it or from it; else None.
     artifact: bytes | None = None
+    # precision 'int8'/'fp8': what the engine's graph quantized (its plan); None at the model's precision.
+    quantization: QuantPlan | None = None
 
     def __init__(
         self, device: torch.device, settings: Settings, max_slots: int = DEFAULT_MAX_SLOTS, writes: Sequence[int] = ()
@@ -106,6 +109,13 @@ class Engine(abc.ABC):
         """The engine's weights by state_dict name (tied weights appear under each of their names)."""
         tensors = self.weight_tensors()
         return {name: tensors[index] for name, index in self.weight_index().items()}
+
+    def quantized_weights(self) -> Mapping[str, torch.Tensor]:
+        """A quantized engine's own weights, made from the model's (QuantPlan.extend's names: each
+        quantized weight, '<weight>:int8' or ':fp8', and its float32 scales, '<weight>:int8_scales'),
+        as the engine holds them now; none at the model's precision. A refit of the float weight
+        re-quantizes them."""
+        return {}
 
     @abc.abstractmethod
     def load_weights(self, values: Mapping[int, torch.Tensor]) -> None:

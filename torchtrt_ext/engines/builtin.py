@@ -16,13 +16,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..core import lifting, quantize_pass
+from ..core import lifting
 from ..core.errors import RefitError, TorchTRTExtError
 from ..core.inductor import CONFIG_PATCHES, compile_graph, unwrapped
 from ..core.lifting import LiftedGraph
 from ..core.settings import Settings
 from .base import Engine, MemoryUse, weight_memory
 from .copy import copy_weights
+from .quantized import SavedQuantization, quantized_graph, requantized
 
 log = logging.getLogger("torchtrt_ext")
 
@@ -135,13 +136,15 @@ class BuiltinEngine(Engine):
         keep_artifact: bool = False,
         compiled_from: "BuiltinEngine | None" = None,
         writes: Sequence[int] = (),
+        saved: SavedQuantization | None = None,
     ):
         """artifact: compiled code saved whole (Engine.artifact of an engine built before, from an
         engine cache entry): loaded and run; lifted.gm may then be None. keep_artifact: compile so that
         self.artifact holds the code saved whole (None, with a warning, where Inductor cannot save it).
         compiled_from: a resident engine of the same graph whose compiled code this one runs with its
         own weights (lifted's), without compiling. writes: the inputs (by index) that the compiled
-        code writes in place (see Engine)."""
+        code writes in place (see Engine). saved: a quantized engine's plan and quantized weights, as an
+        engine file holds them (engines/quantized.py)."""
         device = engine_device(lifted)
         if settings.cuda_graphs and device.type != "cuda":
             raise TorchTRTExtError(f"cuda_graphs=True needs a CUDA engine, but this one runs on {device}")
@@ -154,10 +157,15 @@ class BuiltinEngine(Engine):
             for name in (w.name, *w.aliases):
                 self._names[name] = index
         # precision 'int8'/'fp8': the graph's linear layers quantized, their quantized weights appended
-        # to the table (the engine's own, unnamed: a refit names the float weight, which they follow).
-        self.quantization: quantize_pass.QuantPlan | None = None
+        # to the table (the engine's own, not in the weight index: a refit names the float weight, which
+        # they follow).
+        if saved is not None and not settings.quantized:
+            raise TorchTRTExtError(f"{saved.source}: a quantization plan for an engine of precision {settings.precision!r}")
+        self._quantized_names: list[str] = []
         if settings.quantized:
-            lifted, self.quantization = _quantized(lifted, settings, artifact, compiled_from)
+            lifted, self.quantization = quantized_graph(lifted, settings, saved, compiled_from)
+            if self.quantization is not None:
+                self._quantized_names = [w.name for w in lifted.weights[self.quantization.num_weights :]]
         # The weight table: detached aliases of the model's tensors, in index order.
         self._table = [w.tensor.detach() for w in lifted.weights]
         self._weight_positions = [w.position for w in lifted.weights]
@@ -242,14 +250,11 @@ class BuiltinEngine(Engine):
     def _requantized(self, values: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """A quantized engine: the new values of the quantized weights made from these weights (quantized
         as the table will hold them, on the engine's device)."""
-        if self.quantization is None:
-            return {}
-        out: dict[int, torch.Tensor] = {}
-        for index, value in values.items():
-            if self.quantization.quantized_indices(index) is not None:
-                value = value.to(device=self.device, dtype=self._table[index].dtype)
-                out.update(self.quantization.requantize(index, value))
-        return out
+        return requantized(self.quantization, values, self._table.__getitem__, self.device)
+
+    def quantized_weights(self) -> Mapping[str, torch.Tensor]:
+        start = self.quantization.num_weights if self.quantization is not None else 0
+        return {name: self._table[start + k] for k, name in enumerate(self._quantized_names)}
 
     def _load(self, values: Mapping[int, torch.Tensor]) -> None:
         if not values:
@@ -333,23 +338,6 @@ class BuiltinEngine(Engine):
     def memory(self) -> MemoryUse:
         model = [t for t in (r() for r in self._model_tensors) if t is not None]
         return weight_memory(self.device, self._table + (self._spare or []), model)
-
-
-def _quantized(
-    lifted: LiftedGraph, settings: Settings, artifact: bytes | None, compiled_from: "BuiltinEngine | None"
-) -> tuple[LiftedGraph, quantize_pass.QuantPlan | None]:
-    """The graph quantized (settings.precision), and its plan."""
-    if compiled_from is not None:
-        # Compiled code shared with an engine of the same graph, for other tensors at the same places
-        # (the backend: weights replaced, another instance of the model): its plan quantizes these
-        # weights, with the activation scales of the layers of those names. (A graph that dynamo serves
-        # several layers with, after a graph break inside a repeated layer, names them relative to the
-        # layer, which a model's calibration names never are: quantize_graph refused it already.)
-        plan = compiled_from.quantization
-        return (plan.extend(lifted) if plan is not None and plan.sources else lifted), plan
-    if artifact is not None or lifted.gm is None:
-        raise TorchTRTExtError("a quantized engine is built from its graph, not from compiled code alone")
-    return quantize_pass.quantize_graph(lifted, settings.precision, settings.calibration, settings.calibration_coverage)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor | None) -> bool:

@@ -25,7 +25,7 @@ from ..core.errors import EngineFileError, InputError, RefitError, TorchTRTExtEr
 from ..core.settings import Settings
 from ..core.signature import InputSignature, dense
 from ..core.writes import written_inputs
-from ..engines import Engine, build_engine, resolve_kind
+from ..engines import Engine, SavedQuantization, build_engine, resolve_kind
 from ..operations import engine_cache, files
 from ..operations.calibrate import check_fingerprint
 from ..operations.program import CompiledProgram
@@ -301,10 +301,11 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         flat: Sequence[Any] | None = None,
         keep_artifact: bool = False,
         returned: Sequence[tuple] = (),
+        saved: SavedQuantization | None = None,
     ) -> Variant:
-        """Build the engine of one exported graph (also for graphs loaded from an engine file).
-        keep_artifact: compile so that the engine keeps its compiled code saved whole (engine cache).
-        returned: the input objects the traced forward returned as themselves (capture.returned_inputs)."""
+        """Build the engine of one exported graph (also for graphs loaded from an engine file, with the
+        quantization saved there). keep_artifact: compile so that the engine keeps its compiled code saved
+        whole (engine cache). returned: the input objects the traced forward returned as themselves."""
         lifted = lifting.from_export(ep)
         if self.settings.weight_streaming and flat is not None:  # captured where the model is; compiled for the inputs' device
             for position, leaf in zip(lifted.input_positions, flat):
@@ -312,7 +313,8 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
                     lifted.example_args[position] = dense(leaf)
         signature = InputSignature(spec, [lifted.example_args[i] for i in lifted.input_positions], ep.range_constraints)
         variant = self._make_variant(
-            lifted, signature, ep.call_spec.out_spec, capture.updates(self.original, ep), keep_artifact=keep_artifact, returned=returned
+            lifted, signature, ep.call_spec.out_spec, capture.updates(self.original, ep), keep_artifact=keep_artifact, returned=returned,
+            saved=saved,
         )
         variant.exported = ep
         return variant
@@ -323,10 +325,10 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         """Variant `index` of an engine file (files.Contents): from its compiled code where the file
         holds it (no torch.export.load, nothing traced or compiled; the graph is read only if save
         needs it), else from its graph. flat: the call it is for (the engine cache), else None."""
-        found = contents.artifact(index)
+        found, saved = contents.artifact(index), contents.quantization(index)
         if found is None:
             ep = contents.program(index)
-            return self._variant_from_export(ep, ep.call_spec.in_spec if spec is None else spec, flat)
+            return self._variant_from_export(ep, ep.call_spec.in_spec if spec is None else spec, flat, saved=saved)
         artifact, binding = found
         try:
             signature = InputSignature.from_json(binding["signature"])
@@ -344,7 +346,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
                     self.original.get_buffer(u)  # the model has it
         except (KeyError, TypeError, ValueError, AttributeError, TorchTRTExtError) as exc:
             raise EngineFileError(f"{contents.path}: the binding of graph {index} does not fit ({first_line(exc)})") from None
-        variant = self._make_variant(lifted, signature, out_spec, updates, artifact=artifact, writes=writes, returned=returned)
+        variant = self._make_variant(lifted, signature, out_spec, updates, artifact=artifact, writes=writes, returned=returned, saved=saved)
         variant.read_exported = functools.partial(contents.program, index)
         return variant
 
@@ -358,11 +360,12 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         keep_artifact: bool = False,
         writes: Sequence[int] = (),
         returned: Sequence[tuple] = (),
+        saved: SavedQuantization | None = None,
     ) -> Variant:
         # Caller inputs the compiled code writes itself (found from the graph, or given by an engine file):
         # a call whose input is conformed to a copy gets the written values back (Variant)
         writes = sorted({*writes, *written_inputs(lifted)})
-        engine = build_engine(lifted, self.settings, artifact, keep_artifact, writes=writes)
+        engine = build_engine(lifted, self.settings, artifact, keep_artifact, writes=writes, saved=saved)
         writes = engine.writes
         registry.add(engine, [w.tensor for w in lifted.weights])
         resolved = [self.original.get_buffer(u) if isinstance(u, str) else int(u) for u in updates]

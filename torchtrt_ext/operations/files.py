@@ -3,7 +3,10 @@ engine_file.py), loaded in bounded host memory.
 
 A file holds the settings, each compiled input signature's graph (``torch.export`` programs with their
 weights left out), the weights once (raw, aligned, checksummed) unless stripped, and Inductor's compiled
-artifacts, so that loading recompiles from Inductor's caches instead of from scratch. Where an engine
+artifacts, so that loading recompiles from Inductor's caches instead of from scratch. A quantized
+compile (precision 'int8'/'fp8') keeps its calibration cache (its text, in the settings), each graph's
+quantization plan and the engines' quantized weights and scales (stripped with the weights): a loaded
+engine computes with those, checked to be the quantization of the file's weights, without calibrating. Where an engine
 kept its compiled code saved whole (compiled with cache_dir), the file holds that too, with what binds
 it to the model (header "artifacts", one per graph or null): loading then compiles nothing. Loading reads
 every region through a few small reusable staging buffers (pinned, for a CUDA target; read in
@@ -23,9 +26,12 @@ import sympy
 import torch
 from torch._guards import detect_fake_mode
 
-from ..core import engine_file, trees
-from ..core.engine_file import Artifact, Blob, EngineFile, Header, TensorEntry, tensor_bytes
+from ..core import engine_file, quantize, trees
+from ..core.engine_file import Artifact, Blob, EngineFile, Header, Quantization, TensorEntry, tensor_bytes
+from ..core.quantize_pass import QuantPlan
+from ..core.settings import Settings
 from ..core.errors import EngineFileError, TorchTRTExtError
+from ..engines.quantized import SavedQuantization
 from ..engines.tensorrt import tensorrt_version
 from .program import CompiledProgram
 
@@ -77,11 +83,6 @@ def save(compiled: Any, path: str, include_weights: bool = True) -> int:
         )
     if compiled.settings.weight_streaming:
         raise TorchTRTExtError("saving weight-streaming engines is not supported yet; save a resident compile")
-    if compiled.settings.quantized:
-        raise TorchTRTExtError(
-            f"saving quantized engines (precision={compiled.settings.precision!r}) is not supported yet; save a "
-            "compile at the model's precision, and keep the calibration cache (CalibrationCache.save) beside it"
-        )
     return write_variants(compiled, compiled.variants, path, include_weights)
 
 
@@ -119,6 +120,18 @@ def write_variants(compiled: CompiledProgram, variants: list, path: str, include
                 seen[key] = entry
                 tensors.append(entry)
                 if include_weights or kind == "constant":
+                    regions.append((entry, tensor_bytes(value)))
+    # Quantized engines: each graph's plan, and the engine's quantized weights and scales (made from the
+    # weights above, so stripped with them: a refit re-quantizes), each name once.
+    plans: list[Quantization | None] = []
+    for variant in variants:
+        quantized = variant.engine.quantized_weights()
+        plans.append(_plan_entry(variant.engine.quantization, list(quantized), compiled.settings))
+        for name, value in quantized.items():
+            if not any(name in t.names for t in tensors):
+                entry = TensorEntry(name, [name], "quantized", False, str(value.dtype).removeprefix("torch."), list(value.shape))
+                tensors.append(entry)
+                if include_weights:
                     regions.append((entry, tensor_bytes(value)))
     programs: list[Blob] = []
     for variant in variants:
@@ -159,6 +172,7 @@ def write_variants(compiled: CompiledProgram, variants: list, path: str, include
         programs=programs,
         artifacts=saved_code,
         inductor_cache=cache,
+        quantization=plans,
     )
     size = engine_file.write(path, header, regions)
     log.info("torchtrt_ext: saved %s (%.1f MiB) in %.1f s", path, size / 2**20, time.perf_counter() - start)
@@ -201,6 +215,19 @@ class Contents:
         return ep
 
 
+    def quantization(self, index: int) -> SavedQuantization | None:
+        """Graph `index`'s quantization plan and the quantized weights the file holds for it (none where
+        it was saved without weights), or None at the model's precision."""
+        q = self.header.quantization[index]
+        if q is None:
+            return None
+        plan = QuantPlan(
+            fmt=quantize.quant_format(q.format), sources=tuple(q.sources), num_weights=q.num_weights,
+            num_placeholders=q.num_placeholders, layers=tuple(q.layers), uncovered=tuple(q.uncovered),
+        )
+        tensors = {name: self.values[name] for name in q.tensors} if self.header.weights_included else {}
+        return SavedQuantization(plan, tensors, f"{self.path} (graph {index})")
+
     def artifact(self, index: int) -> tuple[bytes, dict] | None:
         """Graph `index`'s compiled code saved whole and what binds it (wrapper._Variant.binding), or
         None where the file has none for it (written without cache_dir, or Inductor could not save it)."""
@@ -226,6 +253,8 @@ def read(path: str, device: str | torch.device | None = None, own: dict[str, tor
         for entry in header.tensors:
             dtype, shape, nbytes = entry.torch_dtype, tuple(entry.shape), entry.data_nbytes
             mine = [own[n] for n in entry.names if own is not None and n in own]
+            if entry.region is None and entry.kind == "quantized":
+                continue  # made from the weights the engine is given (Contents.quantization)
             if mine:
                 tensor = mine[0]
                 if tuple(tensor.shape) != shape or tensor.dtype != dtype:
@@ -234,6 +263,8 @@ def read(path: str, device: str | torch.device | None = None, own: dict[str, tor
                 room = torch.empty(engine_file.aligned(nbytes), dtype=torch.uint8, device=target)
                 if entry.region is not None:
                     jobs.append((entry, room))
+                else:  # a stripped weight: zeros until a refit (a quantized engine quantizes them meanwhile)
+                    room.zero_()
                 tensor = room[:nbytes].view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype, device=target)
             for name in entry.names:
                 values[name] = tensor
@@ -245,6 +276,15 @@ def read(path: str, device: str | torch.device | None = None, own: dict[str, tor
         if target.type == "cuda":
             torch.cuda.synchronize(target)
     return Contents(path, header, values, data)
+
+
+def _plan_entry(plan: QuantPlan | None, tensors: list[str], settings: Settings) -> Quantization | None:
+    if plan is None:
+        return None
+    return Quantization(
+        format=plan.fmt.name, calibration=settings.calibration.digest(), sources=list(plan.sources), num_weights=plan.num_weights,
+        num_placeholders=plan.num_placeholders, layers=list(plan.layers), uncovered=list(plan.uncovered), tensors=tensors,
+    )
 
 
 def _as_saved(meta: Any, value: torch.Tensor) -> Any:
@@ -290,7 +330,7 @@ def inspect(path: str) -> str:
             f"{path}: torchtrt_ext engine file, format version {h.format_version}, {f.size} bytes",
             f"  saved by torch {h.torch}, TensorRT {h.tensorrt or 'absent'}; engine {h.engine} on " + _describe(h.device),
             f"  model {h.model}; weights {'included' if h.weights_included else 'stripped'}",
-            "  settings: " + ", ".join(f"{k}={v!r}" for k, v in sorted(h.settings.items())),
+            "  settings: " + ", ".join(f"{k}={_setting(k, v)}" for k, v in sorted(h.settings.items())),
             f"  {len(h.programs)} graph(s), {sum(a is not None for a in h.artifacts)} with compiled code; "
             f"Inductor cache {'included' if h.inductor_cache else 'absent'}",
             f"  {len(h.tensors)} tensors:",
@@ -298,9 +338,22 @@ def inspect(path: str) -> str:
         total = 0
         for t in h.tensors:
             total += t.data_nbytes
-            lines.append(f"    {', '.join(t.names)}: {t.dtype} {tuple(t.shape)} {t.data_nbytes} bytes")
+            kind = " (quantized)" if t.kind == "quantized" else ""
+            lines.append(f"    {', '.join(t.names)}: {t.dtype} {tuple(t.shape)} {t.data_nbytes} bytes{kind}")
         lines.append(f"  weights: {total} bytes ({total / 2**20:.1f} MiB)")
+        for i, q in enumerate(h.quantization):
+            if q is not None:
+                lines.append(
+                    f"  graph {i}: {q.format}, {len(q.layers)} layer(s) quantized, {len(q.uncovered)} at the model's dtype; "
+                    f"calibration cache {q.calibration[:16]}"
+                )
     return "\n".join(lines)
+
+
+def _setting(name: str, value: Any) -> str:
+    if name == "calibration" and isinstance(value, str):  # a cache's whole text: its size only
+        return f"<a calibration cache of {max(len(value.splitlines()) - 5, 0)} entries>"
+    return repr(value)
 
 
 def _drop_expression_hints(ep: torch.export.ExportedProgram) -> None:
