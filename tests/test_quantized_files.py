@@ -7,6 +7,7 @@ an EngineFileError naming the fault."""
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 import torchtrt_ext
 from tests.test_quantized_engine import PRECISIONS, _cache, _mlp, _mlp_batches, _mlp_input, reference
 from torchtrt_ext import EngineFileError, RefitError
-from torchtrt_ext.core import engine_file, quantize
+from torchtrt_ext.core import engine_file, file_layout, quantize
 from torchtrt_ext.operations import calibrate as calibrate_module
 
 
@@ -258,3 +259,118 @@ def test_a_plan_in_a_file_of_the_models_precision_is_refused(tmp_path):
                                "num_placeholders": 6, "layers": [], "uncovered": [], "tensors": []}]
     with pytest.raises(EngineFileError, match=r"header field 'quantization\[0\]' is present, but the settings' precision is 'model'"):
         engine_file.Header.from_json(header)
+
+
+# --- the engine cache ---------------------------------------------------------------------------------
+
+
+def _refuse_compiling(monkeypatch, allow_export_load=False):
+    import torch._inductor.compile_fx as compile_fx_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("traced or compiled where the compiled code should have been loaded")
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", refuse)
+    monkeypatch.setattr(torch.export, "export", refuse)
+    if not allow_export_load:
+        monkeypatch.setattr(torch.export, "load", refuse)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_quantized_engine_cache_hit_loads_its_code_binds_the_live_weights_and_computes_identically(precision, tmp_path, monkeypatch):
+    cache_dir = str(tmp_path / "engines")
+    model, cache, first, x = _compiled(precision, cache_dir=cache_dir)
+    expected = {b: first(xb) for b, xb in zip((5, 3), _inputs(5, 3))}
+    other = _mlp(seed=3)  # another instance, other weights: the same entry, bound to its own weights
+    with monkeypatch.context() as patched:
+        _refuse_compiling(patched)
+        twin = torchtrt_ext.compile(_mlp(), (x,), precision=precision, calibration=cache, engine="builtin", cache_dir=cache_dir)
+        hit = torchtrt_ext.compile(other, (x,), precision=precision, calibration=cache, engine="builtin", cache_dir=cache_dir)
+    for compiled in (twin, hit):
+        (variant,) = compiled.variants
+        assert variant.from_cache and variant.engine.artifact is not None
+        assert variant.engine.quantization == first.engines[0].quantization
+    for b, xb in zip((5, 3), _inputs(5, 3)):
+        assert torch.equal(twin(xb), expected[b])
+        assert torch.equal(hit(xb), reference(other, cache, precision, lambda m: m(xb)))
+    assert not torch.equal(hit(x), twin(x))
+    for name, t in first.engines[0].quantized_weights().items():  # made from the live weights, as a compile makes them
+        assert torch.equal(_bits(twin.engines[0].quantized_weights()[name]), _bits(t)), name
+    torchtrt_ext.refit(hit, _mlp(seed=5).state_dict())  # a refit of the hit re-quantizes
+    assert torch.equal(hit(x), reference(_mlp(seed=5), cache, precision, lambda m: m(x)))
+    # saved from the hit (its compiled code and quantized weights), loaded without compiling
+    torchtrt_ext.save(hit, tmp_path / "hit.ttx")
+    torchtrt_ext.save(hit, tmp_path / "stripped.ttx", include_weights=False)
+    with monkeypatch.context() as patched:
+        _refuse_compiling(patched, allow_export_load=True)  # load() reads the model's structure from the graph
+        loaded = torchtrt_ext.load(tmp_path / "hit.ttx")
+        stripped = torchtrt_ext.load(tmp_path / "stripped.ttx")
+    assert loaded.variants[0].engine.artifact is not None
+    assert torch.equal(loaded(x), hit(x))
+    torchtrt_ext.refit(stripped, _mlp(seed=5).state_dict())
+    assert torch.equal(stripped(x), hit(x))
+
+
+def test_another_calibration_cache_or_precision_is_a_miss(tmp_path):
+    cache_dir = tmp_path / "engines"
+    model = _mlp()
+    x = _mlp_input()
+    a = _cache(model, _mlp_batches())
+    b = _cache(model, _mlp_batches(3))  # another calibration set: other amax
+    assert a.diff(b)
+    runs = [("int8", a), ("int8", b), ("fp8", a), ("model", None), ("int8", a)]
+    for i, (precision, cache) in enumerate(runs):
+        compiled = torchtrt_ext.compile(model, (x,), precision=precision, calibration=cache, engine="builtin", cache_dir=str(cache_dir))
+        assert compiled.variants[0].from_cache == (i == 4), (precision, i)
+        if cache is None:
+            torch.testing.assert_close(compiled(x), model(x))
+        else:
+            assert torch.equal(compiled(x), reference(model, cache, precision, lambda m: m(x)))
+    assert len(list(cache_dir.iterdir())) == 4
+
+
+def test_the_key_holds_the_precision_and_the_calibration_content(tmp_path):
+    from torchtrt_ext.core.settings import Settings
+    from torchtrt_ext.operations import engine_cache
+
+    model = _mlp()
+    x = _mlp_input()
+    flat, spec = torch.utils._pytree.tree_flatten(((x,), {}))
+    a = _cache(model, _mlp_batches())
+    a.save(tmp_path / "a.calib")
+    again = torchtrt_ext.CalibrationCache.load(tmp_path / "a.calib")  # the same content, another object
+    shifted = torchtrt_ext.CalibrationCache({**a.entries, "up:input": a.amax("up:input") * 2}, a.method, a.model_fingerprint)
+
+    def key(**options):
+        return engine_cache.key(model, spec, flat, Settings(engine="builtin", **options))
+
+    keys = [key(), key(precision="int8", calibration=a), key(precision="fp8", calibration=a),
+            key(precision="int8", calibration=shifted), key(precision="int8", calibration=a, calibration_coverage="warn")]
+    assert len(set(keys)) == len(keys)
+    assert key(precision="int8", calibration=again) == keys[1]
+
+
+def _rewrite_header(path, change) -> None:
+    """The file with change(header as JSON) applied to its header (its CRC and the data start made
+    valid), its data unchanged: a header that only the schema's checks can refuse."""
+    with engine_file.EngineFile(str(path)) as f:
+        data = path.read_bytes()[f.data_start :]
+        document = f.header.to_json()
+    change(document)
+    raw = json.dumps(document, sort_keys=True).encode()
+    start = file_layout.aligned(file_layout.PREAMBLE.size + len(raw))
+    preamble = file_layout.PREAMBLE.pack(file_layout.MAGIC, file_layout.FORMAT_VERSION, 0, len(raw), zlib.crc32(raw), 0)
+    path.write_bytes(preamble + raw + b"\0" * (start - file_layout.PREAMBLE.size - len(raw)) + data)
+
+
+def test_a_mismatched_quantized_cache_entry_costs_a_recompile_never_a_wrong_engine(tmp_path, caplog):
+    cache_dir = tmp_path / "engines"
+    model, cache, _, x = _compiled("int8", cache_dir=str(cache_dir))
+    (entry,) = cache_dir.iterdir()
+    _rewrite_header(entry, _plan(format="fp8"))
+    again = torchtrt_ext.compile(model, (x,), precision="int8", calibration=cache, engine="builtin", cache_dir=str(cache_dir))
+    assert not again.variants[0].from_cache
+    assert "not used" in caplog.text and "'quantization[0].format' 'fp8' is not the settings' precision 'int8'" in caplog.text
+    assert torch.equal(again(x), reference(model, cache, "int8", lambda m: m(x)))
+    third = torchtrt_ext.compile(model, (x,), precision="int8", calibration=cache, engine="builtin", cache_dir=str(cache_dir))
+    assert third.variants[0].from_cache and torch.equal(third(x), again(x))

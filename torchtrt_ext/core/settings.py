@@ -104,7 +104,8 @@ class Settings:
     cache_dir: str = _option(
         "",
         "drop-in wrapper: a folder for the engine cache; a process that compiles the same model (same code, "
-        "weight shapes, input shapes, settings, device and versions) reuses the compiled graphs. '' = off",
+        "weight shapes, input shapes, settings, device and versions; quantized: the same precision and "
+        "calibration cache) reuses the compiled graphs. '' = off",
         wrapper_only=True,
     )
     max_variants: int = _option(
@@ -282,7 +283,6 @@ def _check_quantization(s: Settings) -> None:
     for name, value, why in (
         ("engine", s.engine == "tensorrt", "quantized engines are built-in engines; use engine='builtin' or 'auto'"),
         ("weight_streaming", s.weight_streaming, "weight streaming of quantized engines is not supported yet"),
-        ("cache_dir", bool(s.cache_dir), "the engine cache does not keep quantized engines yet; leave cache_dir=''"),
     ):
         if value:
             raise OptionError(f"option {name!r} does not go with precision={s.precision!r}: {why}")

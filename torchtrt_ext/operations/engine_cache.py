@@ -5,8 +5,10 @@ An entry is a weight-stripped engine file (engine_file.py) of one input signatur
 compiled code saved whole (Inductor's CompiledArtifact of the lifted graph) with what binds it to a
 model (where each weight and input goes, the signature, the output structure, the in-place updates),
 the exported graph (read only where a module built from the entry is saved), and Inductor's cache
-artifacts (autotuning results). The key hashes: torchtrt_ext, torch and TensorRT versions; the device
-and its compute capability; the settings; the call's structure, dtypes and shapes; and the model: its
+artifacts (autotuning results); a quantized engine's entry holds its quantization plan too (its quantized
+weights are made from the live model's on a hit). The key hashes: torchtrt_ext, torch and TensorRT
+versions; the device and its compute capability; the settings (a quantized engine's precision and its
+calibration cache's digest among them); the call's structure, dtypes and shapes; and the model: its
 module classes, the source of their code, and the names, shapes and dtypes of its parameters and
 buffers. On a hit the compiled code is loaded and bound to the live model's own tensors: nothing is
 exported, traced or compiled. An entry whose code Inductor could not save whole holds the graph
@@ -30,8 +32,9 @@ from ..engines.tensorrt import tensorrt_version
 
 log = logging.getLogger("torchtrt_ext")
 
-# What an entry holds and how its key is made (bumped when either changes).
-ENTRY_FORMAT = 4
+# What an entry holds and how its key is made (bumped when either changes). 5: quantized engines (the
+# entry's quantization plan; the key's precision and calibration digest).
+ENTRY_FORMAT = 5
 
 
 def _skipped(obj: Any) -> bool:
@@ -104,7 +107,10 @@ def key(module: torch.nn.Module, spec: Any, flat: Sequence[Any], settings: Setti
             h.update(b"\0")
 
     add("torchtrt_ext", __version__, ENTRY_FORMAT, torch.__version__, tensorrt_version())
-    add(sorted((k, v) for k, v in settings.as_dict().items() if k not in ("cache_dir", "max_variants")))
+    add(sorted((k, v) for k, v in settings.as_dict().items() if k not in ("cache_dir", "max_variants", "calibration")))
+    # Quantized engines: the precision and the calibration cache's whole content (another cache, or the
+    # same at another precision, is another engine: other activation scales baked into its code)
+    add("quantization", settings.precision, settings.calibration.digest() if settings.calibration is not None else None)
     add(str(spec))
     for leaf in flat:
         if isinstance(leaf, torch.Tensor):
