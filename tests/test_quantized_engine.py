@@ -338,10 +338,6 @@ def test_schema_version_mismatch_is_an_error(tmp_path):
             {"precision": "int8", "calibration": CalibrationCache({"a:input": 1.0}), "engine": "tensorrt"},
             "option 'engine' does not go with precision='int8'",
         ),
-        (
-            {"precision": "int8", "calibration": CalibrationCache({"a:input": 1.0}), "weight_streaming": True},
-            "option 'weight_streaming' does not go with precision='int8'",
-        ),
     ],
 )
 def test_bad_quantization_options_name_the_option(options, message):

@@ -192,6 +192,31 @@ def from_export(ep: torch.export.ExportedProgram) -> LiftedGraph:
     return _merge_tied(LiftedGraph(gm, example_args, weights, inputs))
 
 
+def without_unread(lifted: LiftedGraph, candidates: Sequence[int]) -> tuple[LiftedGraph, list[int | None]]:
+    """lifted without those of the weights `candidates` (by index) that its graph does not read (their
+    placeholders have no users: a quantized layer's float weight, say), on a copy of its graph; and per
+    weight of lifted, its index among the result's weights, or None where it was left out. lifted itself
+    where every candidate is read."""
+    nodes = _placeholders(lifted.gm)
+    gone = {lifted.weights[i].position for i in candidates if not nodes[lifted.weights[i].position].users}
+    if not gone:
+        return lifted, list(range(len(lifted.weights)))
+    gm = own_copy(lifted.gm)
+    for position, node in enumerate(_placeholders(gm)):
+        if position in gone:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    new_position = {p: k for k, p in enumerate(p for p in range(lifted.num_placeholders) if p not in gone)}
+    weights: list[WeightSlot] = []
+    where: list[int | None] = []
+    for w in lifted.weights:
+        where.append(None if w.position in gone else len(weights))
+        if w.position not in gone:
+            weights.append(dataclasses.replace(w, position=new_position[w.position]))
+    args = [a for p, a in enumerate(lifted.example_args) if p not in gone]
+    return LiftedGraph(gm, args, weights, [new_position[p] for p in lifted.input_positions]), where
+
+
 def own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A GraphModule with its own copy of the graph (nodes and their meta dicts), sharing the rest."""
     graph = torch.fx.Graph()

@@ -65,7 +65,8 @@ class Settings:
         False,
         "keep only part of the weights on the device (see weight_streaming_budget) and stream the rest from "
         "pinned host memory while the graph runs; the model may stay on the CPU, the inputs give the device. "
-        "Static shapes. With cuda_graphs, a whole call (copies included) is one graph",
+        "Static shapes. With cuda_graphs, a whole call (copies included) is one graph. With precision, the "
+        "quantized weights and their scales stream, not the float weights they replace",
     )
     weight_streaming_budget: int | str = _option(
         "auto",
@@ -77,7 +78,8 @@ class Settings:
         "model",
         "the linear layers' arithmetic: 'model' (or None: the model's own dtype), 'int8' or 'fp8' (e4m3): "
         "weights quantized per output channel, activations per tensor with the ranges in `calibration`; "
-        "built-in engine. The engine owns the quantized weights; the model's stay as they are",
+        "built-in engine. The engine owns the quantized weights; the model's stay as they are. Goes with "
+        "weight_streaming, cache_dir and torchtrt_ext.save",
         choices=PRECISIONS,
     )
     calibration: "CalibrationCache | str | None" = _option(
@@ -280,12 +282,11 @@ def _check_quantization(s: Settings) -> None:
             f"precision={s.precision!r} needs calibration=: a CalibrationCache from torchtrt_ext.calibrate(model, "
             "batches), or the path of a saved one"
         )
-    for name, value, why in (
-        ("engine", s.engine == "tensorrt", "quantized engines are built-in engines; use engine='builtin' or 'auto'"),
-        ("weight_streaming", s.weight_streaming, "weight streaming of quantized engines is not supported yet"),
-    ):
-        if value:
-            raise OptionError(f"option {name!r} does not go with precision={s.precision!r}: {why}")
+    if s.engine == "tensorrt":
+        raise OptionError(
+            f"option 'engine' does not go with precision={s.precision!r}: quantized engines are built-in engines; use "
+            "engine='builtin' or 'auto'"
+        )
 
 
 def _check_value(f: dataclasses.Field, value: Any) -> None:

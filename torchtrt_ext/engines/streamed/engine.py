@@ -1,7 +1,13 @@
 """The weight-streaming engine: the built-in engine's compute, for graphs whose weights do not fit the
 device budget. The graph is cut into segments (partition.py), compiled one by one, and run with the
 non-resident weights streamed from pinned host masters (program.py); the budget decides which weights
-stay resident (placement.py) and can change at run time without recompiling."""
+stay resident (placement.py) and can change at run time without recompiling.
+
+A quantized engine (precision 'int8'/'fp8') streams the quantized bytes: its quantized weights and
+their scales are weights of the program like any other, and a float weight that no layer reads any
+more (each of its layers computes quantized) is none of the program's: neither streamed nor resident,
+nor counted in the budget. The engine holds the model's own tensor for it, as the resident engine
+does: a refit writes the new values there and streams their quantization."""
 
 from __future__ import annotations
 
@@ -12,10 +18,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ...core.errors import TorchTRTExtError
-from ...core.lifting import LiftedGraph
+from ...core.lifting import LiftedGraph, without_unread
 from ...core.settings import Settings
 from ..base import Engine, MemoryUse
-from ..copy import prepare_sources
+from ..copy import copy_weights, prepare_sources
+from ..quantized import quantized_graph, requantized
 from .placement import Placement
 from .program import DEFAULT_SEGMENTS, RING_BUFFERS, StreamedProgram
 
@@ -57,9 +64,17 @@ class StreamedEngine(Engine):
         for index, w in enumerate(lifted.weights):
             for name in (w.name, *w.aliases):
                 self._names[name] = index
-        self._count = len(lifted.weights)
         start = time.perf_counter()
-        self._program = StreamedProgram(lifted, device, segments)
+        if settings.quantized:
+            lifted, self.quantization = quantized_graph(lifted, settings)
+        plan = self.quantization
+        self._quantized_names = [w.name for w in lifted.weights[plan.num_weights :]] if plan is not None else []
+        self._count = len(lifted.weights)
+        # Per engine weight, its index among the program's weights, or None: a float weight read by no
+        # segment, for which the engine holds the model's tensor (self._unread).
+        program, self._where = without_unread(lifted, plan.sources if plan is not None else ())
+        self._unread = {i: lifted.weights[i].tensor.detach() for i, p in enumerate(self._where) if p is None}
+        self._program = StreamedProgram(program, device, segments)
         if settings.cuda_graphs:
             self._program.on_placement_change = self._runner.clear_graphs
         self.compile_seconds = time.perf_counter() - start
@@ -77,7 +92,7 @@ class StreamedEngine(Engine):
 
     @property
     def total_bytes(self) -> int:
-        """Bytes of all the weights (what a 100% budget keeps resident)."""
+        """Bytes of all the weights the program reads (what a 100% budget keeps resident)."""
         return self._program.total_bytes
 
     @property
@@ -91,7 +106,7 @@ class StreamedEngine(Engine):
     @property
     def streamed_bytes(self) -> int:
         """Bytes each call copies to the device under the current placement."""
-        sizes = [t.numel() * t.element_size() for t in self.weight_tensors()]
+        sizes = [t.numel() * t.element_size() for t in self._program_weights()]
         return sum(sizes[w] for ws in self.placement.streamed for w in ws)
 
     @property
@@ -117,15 +132,35 @@ class StreamedEngine(Engine):
         return self._names
 
     def weight_tensors(self) -> Sequence[torch.Tensor]:
-        return [self._program.weight(i) for i in range(self._count)]
+        return [self._weight(i) for i in range(self._count)]
+
+    def quantized_weights(self) -> Mapping[str, torch.Tensor]:
+        start = self.quantization.num_weights if self.quantization is not None else 0
+        return {name: self._weight(start + k) for k, name in enumerate(self._quantized_names)}
+
+    def _weight(self, index: int) -> torch.Tensor:
+        where = self._where[index]
+        return self._unread[index] if where is None else self._program.weight(where)
+
+    def _program_weights(self) -> list[torch.Tensor]:
+        """The program's weights, by its index (the engine's order, less the weights it does not read)."""
+        return [self._program.weight(p) for p in self._where if p is not None]
 
     def load_weights(self, values: Mapping[int, torch.Tensor]) -> None:
-        if not values:
-            return
-        current = self.weight_tensors()  # host masters and resident copies, every budget alike
-        self._program.load(dict(zip(values, prepare_sources([current[i] for i in values], list(values.values())))))
+        # A quantized engine: the quantized weights made from the new float ones (where the values are)
+        values = {**values, **requantized(self.quantization, values, self._weight)}
+        unread = [(self._unread[i], v) for i, v in values.items() if self._where[i] is None and v.data_ptr() != self._unread[i].data_ptr()]
+        if unread:  # weights no segment reads: the model's tensors, which the engine holds
+            copy_weights([t for t, _ in unread], [v for _, v in unread])
+        mine = {self._where[i]: v for i, v in values.items() if self._where[i] is not None}
+        if mine:
+            current = [self._program.weight(p) for p in mine]  # host masters and resident copies, every budget alike
+            self._program.load(dict(zip(mine, prepare_sources(current, list(mine.values())))))
 
     def follow(self, values: Mapping[int, torch.Tensor]) -> None:
+        for index, tensor in values.items():
+            if self._where[index] is None:
+                self._unread[index] = tensor.detach()  # the model's tensor now
         self.load_weights({i: t.detach() for i, t in values.items()})  # the engine holds its own copies
 
     def memory(self) -> MemoryUse:
