@@ -242,7 +242,7 @@ def int8_header(tmp_path_factory):
 def test_the_header_refuses_each_quantization_fault_naming_the_field(int8_header, case):
     change, message = HEADER_REFUSALS[case]
     header = json.loads(json.dumps(int8_header))
-    engine_file.Header.from_json(json.loads(json.dumps(header)))  # intact: passes
+    assert engine_file.Header.from_json(json.loads(json.dumps(header))).to_json() == header  # intact: passes, round trips
     change(header)
     with pytest.raises(EngineFileError, match=r"header field " + message):
         engine_file.Header.from_json(header)
