@@ -374,3 +374,59 @@ def test_a_mismatched_quantized_cache_entry_costs_a_recompile_never_a_wrong_engi
     assert torch.equal(again(x), reference(model, cache, "int8", lambda m: m(x)))
     third = torchtrt_ext.compile(model, (x,), precision="int8", calibration=cache, engine="builtin", cache_dir=str(cache_dir))
     assert third.variants[0].from_cache and torch.equal(third(x), again(x))
+
+
+class _Conv1DNet(torch.nn.Module):
+    """GPT-2's linear layers: transformers' Conv1D holds its weight (in, out), quantized transposed."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.up, self.down = Conv1D(32, 16), Conv1D(8, 32)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class _LinearTwin(torch.nn.Module):
+    """The same network with nn.Linear layers (weights transposed): what `reference` quantizes."""
+
+    def __init__(self, net: _Conv1DNet):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+        with torch.no_grad():
+            for mine, theirs in ((self.up, net.up), (self.down, net.down)):
+                mine.weight.copy_(theirs.weight.t())
+                mine.bias.copy_(theirs.bias)
+
+    forward = _Conv1DNet.forward
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_saved_conv1d_engine_keeps_its_transposed_quantized_weights_through_load_and_refit(precision, tmp_path):
+    torch.manual_seed(0)
+    model = _Conv1DNet().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # Conv1D's biases start at zero
+    cache = torchtrt_ext.calibrate(model, [(b,) for b in _inputs(4, 4, 4)])
+    x = _inputs(5)[0]
+    compiled = torchtrt_ext.compile(model, (x,), precision=precision, calibration=cache, engine="builtin")
+    (plan,) = [e.quantization for e in compiled.engines]
+    assert plan.transposed == (True, True)
+    torchtrt_ext.save(compiled, tmp_path / "c.ttx")
+    assert _header(tmp_path / "c.ttx").quantization[0].transposed == [True, True]
+    loaded = torchtrt_ext.load(tmp_path / "c.ttx")
+    for xb in _inputs(5, 3):
+        assert torch.equal(loaded(xb), compiled(xb))
+        assert torch.equal(loaded(xb), reference(_LinearTwin(model), cache, precision, lambda m: m(xb)))
+    new = _Conv1DNet()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.normal_()
+    torchtrt_ext.refit(loaded, new.state_dict())
+    xb = _inputs(6)[0]
+    got, want = loaded(xb), reference(_LinearTwin(new), cache, precision, lambda m: m(xb))
+    assert torch.equal(got, want)
+    assert not torch.equal(got, compiled(xb))  # the refit changed the outputs

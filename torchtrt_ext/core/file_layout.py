@@ -70,6 +70,8 @@ Quantization
     num_placeholders: int                       its placeholders before quantization
     layers: list[str]                           the layers quantized, by calibration name
     uncovered: list[str]                        the layers left at the model's dtype (calibration_coverage='warn')
+    transposed: list[bool]                      per source, whether its quantized slot holds it transposed
+                                                (a Conv1D's (in, out) weight), or empty: none is
     tensors: list[str]                          per source, the names of its quantized weight and of its
                                                 float32 scales (tensors of kind "quantized")
 Region
@@ -208,6 +210,7 @@ class Quantization:
     num_placeholders: int
     layers: list[str]
     uncovered: list[str]
+    transposed: list[bool]
     tensors: list[str]
 
 

@@ -224,6 +224,7 @@ class Contents:
         plan = QuantPlan(
             fmt=quantize.quant_format(q.format), sources=tuple(q.sources), num_weights=q.num_weights,
             num_placeholders=q.num_placeholders, layers=tuple(q.layers), uncovered=tuple(q.uncovered),
+            transposed=tuple(q.transposed),
         )
         tensors = {name: self.values[name] for name in q.tensors} if self.header.weights_included else {}
         return SavedQuantization(plan, tensors, f"{self.path} (graph {index})")
@@ -283,7 +284,8 @@ def _plan_entry(plan: QuantPlan | None, tensors: list[str], settings: Settings) 
         return None
     return Quantization(
         format=plan.fmt.name, calibration=settings.calibration.digest(), sources=list(plan.sources), num_weights=plan.num_weights,
-        num_placeholders=plan.num_placeholders, layers=list(plan.layers), uncovered=list(plan.uncovered), tensors=tensors,
+        num_placeholders=plan.num_placeholders, layers=list(plan.layers), uncovered=list(plan.uncovered),
+        transposed=list(plan.transposed), tensors=tensors,
     )
 
 
