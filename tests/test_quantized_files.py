@@ -256,7 +256,7 @@ def test_a_plan_in_a_file_of_the_models_precision_is_refused(tmp_path):
     header = _header(path).to_json()
     assert header["quantization"] == [None]
     header["quantization"] = [{"format": "int8", "calibration": "0" * 64, "sources": [], "num_weights": 5,
-                               "num_placeholders": 6, "layers": [], "uncovered": [], "tensors": []}]
+                               "num_placeholders": 6, "layers": [], "uncovered": [], "transposed": [], "tensors": []}]
     with pytest.raises(EngineFileError, match=r"header field 'quantization\[0\]' is present, but the settings' precision is 'model'"):
         engine_file.Header.from_json(header)
 
