@@ -59,3 +59,66 @@ def test_wrong_shapes_and_dtypes_are_errors_that_name_them():
         quantized_linear(torch.randn(2, 64), qw.float(), scales, 0.1, b, torch.float32)
     with pytest.raises(ValueError, match=r"w_scales must be float32 of shape \(32,\)"):
         quantized_linear(torch.randn(2, 64), qw, scales.double(), 0.1, b, torch.float32)
+
+
+# --- fused_linear: the same arithmetic in torch ops, for CUDA graphs -----------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_fused_linear_computes_the_reference_product_eagerly_and_compiled(precision, bias, dtype, rows):
+    from torchtrt_ext.core.quantized_ops import fused_linear
+
+    fmt, w, b, qw, scales = _layer(precision)
+    b = b if bias else None
+    x = torch.randn(rows, 2, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    x_scale = quantize.activation_scale(float(x.float().abs().max()) * 0.8, fmt)  # some values saturate
+    expected = quantize.linear_reference(x, qw, scales, x_scale, b, fmt, torch.float32)
+    got = fused_linear(x, qw, scales, x_scale, b, dtype)
+    assert got.dtype == dtype and got.shape == expected.shape
+    # int8: the same integer products, scaled in float32 (the reference in float64); fp8: a bfloat16
+    # product (the GPU's row-wise kernel), then the output dtype
+    tol = 2e-6 if precision == "int8" and dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    # through Inductor as an engine compiles it: a traced graph (make_fx, as AOTAutograd traces the pass's
+    # graphs; not dynamo) handed to compile_fx
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda t: fused_linear(t, qw, scales, x_scale, b, dtype))(x)
+    compiled = torch._inductor.compile(gm, [x])
+    out = compiled(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    torch.testing.assert_close(out.float(), got.float(), rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+def test_cuda_graphs_hold_fused_linear_layers_of_aligned_shapes_and_the_op_elsewhere():
+    """The pass's choice, on graphs whose values are (fake) CUDA tensors: no GPU needed to see it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchtrt_ext import calibrate
+    from torchtrt_ext.core import lifting, quantize_pass
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.aligned, self.odd = torch.nn.Linear(64, 32), torch.nn.Linear(32, 24)  # 24 outputs: not a multiple of 16
+
+        def forward(self, x):
+            return self.odd(torch.relu(self.aligned(x)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(4, 64)
+    cache = calibrate(model, [(torch.randn(4, 64),) for _ in range(2)])
+    lifted = lifting.from_export(torch.export.export(model, (x,)))
+    cpu, _ = quantize_pass.quantize_graph(lifted, "fp8", cache, "error")
+    assert [n.target for n in cpu.gm.graph.nodes if n.target in quantize_pass.QUANTIZED_TARGETS] == [quantize_pass.QUANTIZED_LINEAR] * 2
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        for node in lifted.gm.graph.nodes:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor):
+                node.meta["val"] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cuda")
+    on_cuda, _ = quantize_pass.quantize_graph(lifted, "fp8", cache, "error")
+    targets = [n.target for n in on_cuda.gm.graph.nodes if n.target in quantize_pass.QUANTIZED_TARGETS]
+    assert targets == [quantize_pass.FUSED_LINEAR, quantize_pass.QUANTIZED_LINEAR]

@@ -10,7 +10,9 @@ quantized call that replaces each (core/quantize_pass.py runs the pass).
 * Convolutions: ``aten.conv{1,2,3}d`` (padding as numbers or 'same'/'valid'), ``aten.convolution``
   (not transposed) and dynamo's ``torch.conv{1,2,3}d``; weight (out, in / groups, *kernel).
 
-Each becomes ``torchtrt_ext::quantized_linear`` or ``torchtrt_ext::quantized_conv`` (core/quantized_ops.py).
+Each becomes ``torchtrt_ext::quantized_linear`` or ``torchtrt_ext::quantized_conv`` (core/quantized_ops.py);
+in a CUDA graph, a linear layer of aligned shapes becomes quantized_ops.fused_linear, the same arithmetic
+in torch ops, which Inductor traces through and fuses.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ CONV_TARGETS = {  # target -> its spatial dimensions
 CONVOLUTION = torch.ops.aten.convolution.default
 QUANTIZED_LINEAR = torch.ops.torchtrt_ext.quantized_linear.default
 QUANTIZED_CONV = torch.ops.torchtrt_ext.quantized_conv.default
-QUANTIZED_TARGETS = (QUANTIZED_LINEAR, QUANTIZED_CONV)
+FUSED_LINEAR = quantized_ops.fused_linear  # what a CUDA graph holds for an aligned linear layer
+QUANTIZED_TARGETS = (QUANTIZED_LINEAR, QUANTIZED_CONV, FUSED_LINEAR)
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups")
@@ -68,11 +71,20 @@ class Site:
         out_dtype = out.dtype if isinstance(out, torch.Tensor) else _dtype_of(self.x)
         with graph.inserting_before(self.node):
             if self.conv is None:
-                call = graph.call_function(QUANTIZED_LINEAR, (self.x, q_weight, scales, x_scale, self.bias, out_dtype))
+                linear = FUSED_LINEAR if self._fusable(q_weight) else QUANTIZED_LINEAR
+                call = graph.call_function(linear, (self.x, q_weight, scales, x_scale, self.bias, out_dtype))
             else:
                 call = graph.call_function(QUANTIZED_CONV, (self.x, q_weight, scales, x_scale, self.bias, *self.conv, out_dtype))
         call.meta.update(self.node.meta)
         return call
+
+
+    def _fusable(self, q_weight: torch.fx.Node) -> bool:
+        """A linear layer of a CUDA graph whose shapes the GPU's products take: spelled out in torch ops
+        (quantized_ops.fused_linear), so that Inductor fuses the quantization and the scaling."""
+        x, w = _value(self.x), _value(q_weight)
+        return (isinstance(x, torch.Tensor) and x.device.type == "cuda" and isinstance(w, torch.Tensor)
+                and quantized_ops.aligned(w.shape[1], w.shape[0]))
 
 
 def find_sites(graph: torch.fx.Graph) -> list[Site]:

@@ -29,9 +29,9 @@ import torch.fx
 from . import quantize
 from .calibration import CalibrationCache
 from .lifting import LiftedGraph, WeightSlot, own_copy
-from .quantize_layers import LINEAR_TARGETS, QUANTIZED_CONV, QUANTIZED_LINEAR, QUANTIZED_TARGETS, Site, find_sites, site_of
+from .quantize_layers import FUSED_LINEAR, LINEAR_TARGETS, QUANTIZED_CONV, QUANTIZED_LINEAR, QUANTIZED_TARGETS, Site, find_sites, site_of
 
-__all__ = ["LINEAR_TARGETS", "QUANTIZED_CONV", "QUANTIZED_LINEAR", "QUANTIZED_TARGETS", "QuantPlan", "quantize_graph"]
+__all__ = ["FUSED_LINEAR", "LINEAR_TARGETS", "QUANTIZED_CONV", "QUANTIZED_LINEAR", "QUANTIZED_TARGETS", "QuantPlan", "quantize_graph"]
 
 log = logging.getLogger("torchtrt_ext")
 

@@ -74,7 +74,7 @@ def _(x, q_weight, w_scales, x_scale, bias, out_dtype):
     _check(x, q_weight, w_scales, bias)
     fmt = _FORMAT_OF[q_weight.dtype]
     n, k = q_weight.shape
-    if k % 16 or n % 16:  # the kernels' alignment
+    if not aligned(k, n):
         return quantize.linear_reference(x, q_weight, w_scales, x_scale, bias, fmt, out_dtype)
     q_x = quantize.quantize_activation(x.reshape(-1, k), x_scale, fmt).contiguous()  # the kernels take row-major A
     m = q_x.shape[0]
@@ -93,6 +93,45 @@ def _(x, q_weight, w_scales, x_scale, bias, out_dtype):
 
 
 _INT_MM_MIN_ROWS = 17  # torch._int_mm takes more than 16 rows
+
+
+def aligned(k: int, n: int) -> bool:
+    """Whether the GPU's low-precision products take a (k in, n out) weight: multiples of 16."""
+    return k % 16 == 0 and n % 16 == 0
+
+
+def fused_linear(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    w_scales: torch.Tensor,
+    x_scale: float,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """quantized_linear spelled out in torch ops, for the graphs of CUDA engines (core/quantize_layers.py
+    puts it there; Inductor traces through it). The op is opaque to Inductor, which must then write the
+    layer's input in full and call it, and the op makes three more passes over that input (to float32,
+    scaled, cast) and two over the product (bias, output dtype). Spelled out, the activation's
+    quantization is elementwise work that Inductor fuses into the kernel that makes the input (a norm,
+    an activation function), and the scaling and bias into the one that reads the product; the
+    products stay cuBLAS's (torch._scaled_mm row-wise for fp8, torch._int_mm for int8: the same kernels
+    as the op's). Same arithmetic as quantize.linear_reference, within the rounding of values Inductor
+    keeps in float32 between fused steps. Takes aligned() shapes; int8 rows are always padded by 16
+    (torch._int_mm takes more than 16; a branch on the row count would specialise a dynamic batch)."""
+    _check(x, q_weight, w_scales, bias)
+    fmt = _FORMAT_OF[q_weight.dtype]
+    n, k = q_weight.shape
+    rows = x.reshape(-1, k)
+    q_x = quantize.quantize_activation(rows, x_scale, fmt)
+    if fmt.dtype == torch.int8:
+        acc = torch._int_mm(torch.nn.functional.pad(q_x, (0, 0, 0, _INT_MM_MIN_ROWS - 1)), q_weight.t())[: rows.shape[0]]
+        y = acc.float() * (w_scales * x_scale)
+    else:
+        scale_a = torch.full((rows.shape[0], 1), x_scale, dtype=torch.float32, device=x.device)
+        y = torch._scaled_mm(q_x, q_weight.t(), scale_a=scale_a, scale_b=w_scales.view(1, n), out_dtype=torch.bfloat16)
+    if bias is not None:
+        y = y.float() + bias.float()
+    return y.reshape(*x.shape[:-1], n).to(out_dtype)
 
 
 def _check_conv(x, q_weight, w_scales, bias, stride, padding, dilation, groups) -> int:
