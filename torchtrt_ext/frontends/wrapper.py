@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 
 from ..core import lifting, registry, trees
 from ..core.errors import EngineFileError, InputError, RefitError, TorchTRTExtError
+from ..core.flatten_memo import Flattener
 from ..core.settings import Settings
 from ..core.signature import InputSignature, dense
 from ..core.writes import written_inputs
@@ -53,6 +54,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         # transformers' cache objects flatten into their tensors from the first call on (every call's
         # inputs are flattened before they are matched to a compiled signature)
         trees.register_model_types(module)
+        self.flattener = Flattener()  # remembers a cache object's flattening across decode steps
         self.start_following(module)
         self._weights_missing = False  # loaded from a weight-stripped file, not refitted yet
         # Concurrent first calls of one signature: one compiles, the others wait and then use it.
@@ -158,7 +160,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
         if self._dynamo is not None:
             return self._dynamo(*args, **kwargs)
         args, kwargs = self._normalize(args, kwargs)
-        flat, spec = pytree.tree_flatten((args, kwargs))
+        flat, spec = self.flattener.flatten((args, kwargs))
         last = self._last_hit  # a decode loop calls one variant again and again: checked first
         if last is not None and last.signature.mismatch(spec, flat) is None:
             return last(flat, (args, kwargs))
