@@ -15,6 +15,10 @@ from torchtrt_ext.core import trees  # noqa: E402
 from torchtrt_ext.core.flatten_memo import Flattener  # noqa: E402
 
 
+class _Layer(transformers.cache_utils.StaticLayer):
+    """A subclass a layer may be changed to (a class in the spec's context)."""
+
+
 def _llama():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -112,3 +116,19 @@ def test_a_wrapper_decode_loop_reuses_the_caches_flattening():
     assert torch.equal(got, want)
     misses = compiled.flattener.misses
     assert 1 <= misses <= 2, misses  # the prefill's new cache (and its first decode step, if prefill set it up)
+
+
+def test_a_changed_class_and_several_caches_at_once():
+    model = _llama()
+    caches = [_caches(model)["static"] for _ in range(3)]
+    f = Flattener()
+    trees_ = [_static_call(model, c) for c in caches]
+    for t in trees_:
+        _assert_same(f, t)
+    for t in trees_ * 2:  # threads decoding with their own caches take turns: each remembered
+        _assert_same(f, t)
+    assert f.misses == 3
+
+    caches[0].layers[0].__class__ = _Layer  # in the spec's context: flattened anew
+    _assert_same(f, trees_[0])
+    assert f.misses == 4

@@ -209,3 +209,32 @@ def test_weight_streaming_moves_the_quantized_bytes_and_equals_the_resident_engi
         eager = resident_model(x)  # the float model (the same weights as the host's), run eagerly
         cosine = torch.nn.functional.cosine_similarity(streamed(x).float().flatten(), eager.float().flatten(), dim=0)
     assert cosine.item() > 0.99
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fused_linear_on_the_gpu_takes_column_major_and_3d_inputs(precision, rows):
+    """What a CUDA graph holds for an aligned quantized linear layer (quantized_ops.fused_linear), on
+    inputs as graphs give them: column-major (x.t(), a transposed feature map) and 3-D, against the
+    reference; eagerly and through Inductor."""
+    from torchtrt_ext.core.quantized_ops import fused_linear
+
+    fmt, w, b, qw, scales = _layer(precision, 48, 64)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(64, rows, generator=g).t()  # (rows, 64), column-major
+    x3 = torch.randn(1, 64, rows, generator=g).transpose(1, 2)  # (1, rows, 64): a transposed feature map
+    x_scale = quantize.activation_scale(float(x.abs().max()), fmt)
+    x_scale = max(x_scale, quantize.activation_scale(float(x3.abs().max()), fmt))
+    args = (qw.cuda(), scales.cuda(), x_scale, b.cuda(), torch.bfloat16)
+    for xc in (x, x3):
+        xg = xc.cuda().to(torch.bfloat16)  # .cuda() and .to keep the strides
+        assert rows == 1 or not xg.is_contiguous()  # one row: contiguous whatever its strides
+        expected = quantize.linear_reference(xc.to(torch.bfloat16), qw, scales, x_scale, b, fmt, torch.float32)
+        tol = 1e-2 * float(expected.abs().max())
+        got = fused_linear(xg, *args)
+        torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=tol)
+        # through Inductor as an engine compiles it (a traced graph handed to compile_fx)
+        gm = torch.fx.experimental.proxy_tensor.make_fx(lambda t: fused_linear(t, *args))(xg)
+        out = torch._inductor.compile(gm, [xg])(xg)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        torch.testing.assert_close(out.float().cpu(), expected, rtol=1e-2, atol=tol)

@@ -122,3 +122,4 @@ def test_cuda_graphs_hold_fused_linear_layers_of_aligned_shapes_and_the_op_elsew
     on_cuda, _ = quantize_pass.quantize_graph(lifted, "fp8", cache, "error")
     targets = [n.target for n in on_cuda.gm.graph.nodes if n.target in quantize_pass.QUANTIZED_TARGETS]
     assert targets == [quantize_pass.FUSED_LINEAR, quantize_pass.QUANTIZED_LINEAR]
+

@@ -349,8 +349,9 @@ class Header:
                 if weight is None or scales is None:
                     missing = q.tensors[k] if weight is None else q.tensors[k + 1]
                     raise _field(f"{where}.tensors", f"names {missing!r}, which is no tensor of kind 'quantized'")
-                if weight.dtype != dtype or len(weight.shape) != 2:
-                    raise _field(f"{where}.tensors", f"names {weight.name!r} of {weight.dtype} {weight.shape}; an {q.format} weight is {dtype}, 2-D")
+                if weight.dtype != dtype or not 2 <= len(weight.shape) <= 5:  # linear (out, in); conv (out, in / groups, *kernel)
+                    raise _field(f"{where}.tensors", f"names {weight.name!r} of {weight.dtype} {weight.shape}; an {q.format} weight is {dtype}, "
+                                 "2-D (linear) to 5-D (3-D convolution)")
                 if scales.dtype != "float32" or scales.shape != weight.shape[:1]:
                     raise _field(f"{where}.tensors", f"names {scales.name!r} of {scales.dtype} {scales.shape} as the scales of a {weight.shape} weight: they are float32 {weight.shape[:1]}")
             named.update(q.tensors)

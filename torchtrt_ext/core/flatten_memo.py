@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 import sys
+import threading
 import types
 import weakref
 from typing import Any
@@ -28,15 +29,21 @@ import torch.utils._pytree as pytree
 
 _IMMUTABLE = (torch.Tensor, torch.Size, torch.device, torch.dtype, torch.layout, type)
 _SCALARS = (bool, int, float, str)
+_REMEMBERED = 8  # cache objects remembered at once
 
 
 class Flattener:
-    """pytree.tree_flatten((args, kwargs)), with one transformers cache object's flattening remembered
-    (the last one seen: a decode loop passes one cache)."""
+    """pytree.tree_flatten((args, kwargs)), with transformers cache objects' flattenings remembered (the
+    last few seen: a decode loop passes one cache). An entry holds what the flattener read, strongly,
+    until its cache dies: an attribute that refers back to the cache other than through attributes
+    the flattener reads (a functools.partial holding it, say) keeps the cache alive until 8 other
+    caches have been flattened."""
 
     def __init__(self) -> None:
-        # (weakref to the cache, records, leaves, spec): replaced whole, so a thread reads one or the other
-        self._entry: tuple | None = None
+        # id(cache) -> (weakref to the cache, records, leaves, spec), a few at once (threads decoding with
+        # their own caches, a call passing two); each entry is replaced whole, under the lock
+        self._entries: dict[int, tuple] = {}
+        self._lock = threading.Lock()
         self.misses = 0  # cache objects flattened anew (a new object, or one that changed)
 
     def flatten(self, tree: Any) -> tuple[list[Any], pytree.TreeSpec]:
@@ -64,7 +71,7 @@ class Flattener:
         return flat, _graft(outer_spec, subspecs)
 
     def _flatten_cache(self, cache: Any) -> tuple[list[Any], pytree.TreeSpec]:
-        entry = self._entry
+        entry = self._entries.get(id(cache))
         if entry is not None and entry[0]() is cache and _unchanged(entry[1], cache):
             return entry[2], entry[3]
         self.misses += 1
@@ -76,13 +83,18 @@ class Flattener:
                 ref = weakref.ref(cache, self._forget)
             except TypeError:  # an object without weak references: nothing remembered
                 return leaves, spec
-            self._entry = (ref, records, leaves, spec)
+            with self._lock:
+                self._entries.pop(id(cache), None)
+                while len(self._entries) >= _REMEMBERED:
+                    del self._entries[next(iter(self._entries))]  # the oldest
+                self._entries[id(cache)] = (ref, records, leaves, spec)
         return leaves, spec
 
     def _forget(self, ref: weakref.ref) -> None:
-        entry = self._entry
-        if entry is not None and entry[0] is ref:
-            self._entry = None  # the cache is gone: its tensors with it
+        with self._lock:  # the cache is gone: its entry (and the tensors it holds) with it
+            for key, entry in list(self._entries.items()):
+                if entry[0] is ref:
+                    del self._entries[key]
 
 
 def _generic_flatten_fn() -> Any:
@@ -99,14 +111,14 @@ def _walk(obj: Any, records: list[tuple], path: set[int]) -> bool:
     if isinstance(obj, (torch.SymInt, torch.SymFloat, torch.SymBool, types.MethodType)) or id(obj) in path:
         return False
     if isinstance(obj, dict):
-        records.append((obj, "map", tuple(obj.keys()), tuple(obj.values())))
+        records.append((obj, type(obj), "map", tuple(obj.keys()), tuple(obj.values())))
         items = tuple(obj.values())
     elif isinstance(obj, (tuple, list, set, frozenset)):
         items = tuple(obj)
-        records.append((obj, "seq", None, items))
+        records.append((obj, type(obj), "seq", None, items))
     elif hasattr(obj, "__dict__"):
         state = vars(obj)
-        records.append((obj, "obj", tuple(state.keys()), tuple(state.values())))
+        records.append((obj, type(obj), "obj", tuple(state.keys()), tuple(state.values())))
         items = tuple(state.values())
     else:
         return False
@@ -118,8 +130,10 @@ def _walk(obj: Any, records: list[tuple], path: set[int]) -> bool:
 
 
 def _unchanged(records: list[tuple], root: Any) -> bool:
-    for obj, kind, keys, values in records:
+    for obj, cls, kind, keys, values in records:
         obj = root if obj is None else obj
+        if type(obj) is not cls:  # the class is in the spec (a container's, an object's)
+            return False
         if kind == "seq":
             current = tuple(obj)
             if len(current) != len(values) or not all(map(operator.is_, current, values)):

@@ -100,7 +100,9 @@ def linear_reference(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """y = x W^T + b with x quantized per tensor and W per output channel: the low-precision products
-    summed exactly (int8, in float64) or in float32 (fp8), then scaled back, as the GPU kernels do."""
+    summed exactly (int8, in float64) or in float32 (fp8), then scaled back. The GPU kernels take the
+    same products; they scale int8 sums in float32 (this, in float64) and round fp8's to bfloat16, so
+    their outputs agree within those roundings, not bit for bit."""
     q_x = quantize_activation(x, x_scale, fmt).reshape(-1, x.shape[-1])
     if fmt.dtype == torch.int8:
         acc = q_x.double() @ q_weight.double().t()  # exact: integer products and sums below 2**53

@@ -122,7 +122,7 @@ def fused_linear(
     fmt = _FORMAT_OF[q_weight.dtype]
     n, k = q_weight.shape
     rows = x.reshape(-1, k)
-    q_x = quantize.quantize_activation(rows, x_scale, fmt)
+    q_x = quantize.quantize_activation(rows, x_scale, fmt).contiguous()  # the products take row-major A
     if fmt.dtype == torch.int8:
         acc = torch._int_mm(torch.nn.functional.pad(q_x, (0, 0, 0, _INT_MM_MIN_ROWS - 1)), q_weight.t())[: rows.shape[0]]
         y = acc.float() * (w_scales * x_scale)

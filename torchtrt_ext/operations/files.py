@@ -83,6 +83,9 @@ def save(compiled: Any, path: str, include_weights: bool = True) -> int:
         )
     if compiled.settings.weight_streaming:
         raise TorchTRTExtError("saving weight-streaming engines is not supported yet; save a resident compile")
+    # the model's weights changed since the last call (in place, load_state_dict): the engines follow
+    # first, so that what is written is one state (a quantized engine's weights re-made from the new ones)
+    compiled.sync_weights()
     return write_variants(compiled, compiled.variants, path, include_weights)
 
 
