@@ -113,6 +113,10 @@ def test_cuda_graphs_hold_fused_linear_layers_of_aligned_shapes_and_the_op_elsew
     lifted = lifting.from_export(torch.export.export(model, (x,)))
     cpu, _ = quantize_pass.quantize_graph(lifted, "fp8", cache, "error")
     assert [n.target for n in cpu.gm.graph.nodes if n.target in quantize_pass.QUANTIZED_TARGETS] == [quantize_pass.QUANTIZED_LINEAR] * 2
+    # a graph captured on the host for an engine that runs on CUDA (weight streaming): the engine's device decides
+    streamed, _ = quantize_pass.quantize_graph(lifted, "fp8", cache, "error", device=torch.device("cuda"))
+    targets = [n.target for n in streamed.gm.graph.nodes if n.target in quantize_pass.QUANTIZED_TARGETS]
+    assert targets == [quantize_pass.FUSED_LINEAR, quantize_pass.QUANTIZED_LINEAR]
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         for node in lifted.gm.graph.nodes:

@@ -65,13 +65,16 @@ class Site:
         """The dimensions the weight must have to be this layer's."""
         return 2 if self.conv is None else len(self.conv[0]) + 2
 
-    def quantized_call(self, graph: torch.fx.Graph, q_weight: torch.fx.Node, scales: torch.fx.Node, x_scale: float) -> torch.fx.Node:
-        """The call that replaces the layer, inserted before its node (its meta copied)."""
+    def quantized_call(
+        self, graph: torch.fx.Graph, q_weight: torch.fx.Node, scales: torch.fx.Node, x_scale: float, device: torch.device | None = None
+    ) -> torch.fx.Node:
+        """The call that replaces the layer, inserted before its node (its meta copied). device: where
+        the engine runs (default: where the layer's input is)."""
         out = self.node.meta.get("val", self.node.meta.get("example_value"))
         out_dtype = out.dtype if isinstance(out, torch.Tensor) else _dtype_of(self.x)
         with graph.inserting_before(self.node):
             if self.conv is None:
-                linear = FUSED_LINEAR if self._fusable(q_weight) else QUANTIZED_LINEAR
+                linear = FUSED_LINEAR if self._fusable(q_weight, device) else QUANTIZED_LINEAR
                 call = graph.call_function(linear, (self.x, q_weight, scales, x_scale, self.bias, out_dtype))
             else:
                 call = graph.call_function(QUANTIZED_CONV, (self.x, q_weight, scales, x_scale, self.bias, *self.conv, out_dtype))
@@ -79,12 +82,13 @@ class Site:
         return call
 
 
-    def _fusable(self, q_weight: torch.fx.Node) -> bool:
-        """A linear layer of a CUDA graph whose shapes the GPU's products take: spelled out in torch ops
+    def _fusable(self, q_weight: torch.fx.Node, device: torch.device | None) -> bool:
+        """A linear layer of a CUDA engine whose shapes the GPU's products take: spelled out in torch ops
         (quantized_ops.fused_linear), so that Inductor fuses the quantization and the scaling."""
         x, w = _value(self.x), _value(q_weight)
-        return (isinstance(x, torch.Tensor) and x.device.type == "cuda" and isinstance(w, torch.Tensor)
-                and quantized_ops.aligned(w.shape[1], w.shape[0]))
+        if device is None:
+            device = x.device if isinstance(x, torch.Tensor) else None
+        return device is not None and device.type == "cuda" and isinstance(w, torch.Tensor) and quantized_ops.aligned(w.shape[1], w.shape[0])
 
 
 def find_sites(graph: torch.fx.Graph) -> list[Site]:

@@ -124,12 +124,15 @@ def module_path(source: str) -> str:
     return rest
 
 
-def quantize_graph(lifted: LiftedGraph, precision: str, cache: CalibrationCache, coverage: str) -> tuple[LiftedGraph, QuantPlan]:
+def quantize_graph(
+    lifted: LiftedGraph, precision: str, cache: CalibrationCache, coverage: str, device: torch.device | None = None
+) -> tuple[LiftedGraph, QuantPlan]:
     """The lifted graph quantized: a copy of its graph with each covered layer one quantized_linear
     or quantized_conv call and the new weight placeholders appended (the graph given stays as it is:
     dynamo reads its own after the backend returns), the quantized weights among its weights; and the
-    plan. Raises CalibrationError for uncovered layers (coverage 'error') and for a non-finite or
-    non-positive amax."""
+    plan. device: where the engine runs, where the graph's values say otherwise (a weight-streamed
+    engine's graph is captured on the host). Raises CalibrationError for uncovered layers (coverage
+    'error') and for a non-finite or non-positive amax."""
     fmt = quantize.quant_format(precision)
     gm = lifted.gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -173,7 +176,7 @@ def quantize_graph(lifted: LiftedGraph, precision: str, cache: CalibrationCache,
         # read in the copy as it is now: an input that an earlier layer was is that layer's replacement
         site = site_of(nodes[site.node])
         k = keys.index((source, site.transposed))
-        replacement = site.quantized_call(gm.graph, new_nodes[2 * k], new_nodes[2 * k + 1], scales[name])
+        replacement = site.quantized_call(gm.graph, new_nodes[2 * k], new_nodes[2 * k + 1], scales[name], device)
         site.node.replace_all_uses_with(replacement)
         gm.graph.erase_node(site.node)
     gm.graph.lint()

@@ -31,12 +31,14 @@ class SavedQuantization:
 
 
 def quantized_graph(
-    lifted: LiftedGraph, settings: Settings, saved: SavedQuantization | None = None, compiled_from: Engine | None = None
+    lifted: LiftedGraph, settings: Settings, saved: SavedQuantization | None = None, compiled_from: Engine | None = None,
+    device: torch.device | None = None,
 ) -> tuple[LiftedGraph, QuantPlan | None]:
     """The graph quantized (settings.precision) and its plan. compiled_from: an engine of the same graph
     whose compiled code the new one shares (its plan quantizes these weights). saved: the plan and
     quantized weights of an engine file: the graph's own plan must be it (else an EngineFileError), and
-    where lifted has no graph (compiled code loaded whole), it is what extends lifted."""
+    where lifted has no graph (compiled code loaded whole), it is what extends lifted. device: where the
+    engine runs, where the graph's values were captured elsewhere (a streamed engine's, on the host)."""
     if compiled_from is not None:
         # Compiled code shared with an engine of the same graph, for other tensors at the same places
         # (the backend: weights replaced, another instance of the model): its plan quantizes these
@@ -46,7 +48,7 @@ def quantized_graph(
         plan = compiled_from.quantization
         return (plan.extend(lifted) if plan is not None and plan.sources else lifted), plan
     if lifted.gm is not None:
-        extended, plan = quantize_pass.quantize_graph(lifted, settings.precision, settings.calibration, settings.calibration_coverage)
+        extended, plan = quantize_pass.quantize_graph(lifted, settings.precision, settings.calibration, settings.calibration_coverage, device)
         if saved is not None and plan != saved.plan:
             raise EngineFileError(
                 f"{saved.source}: the quantization plan saved with it ({_describe(saved.plan)}) is not what its graph "

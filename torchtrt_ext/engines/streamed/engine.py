@@ -66,7 +66,7 @@ class StreamedEngine(Engine):
                 self._names[name] = index
         start = time.perf_counter()
         if settings.quantized:
-            lifted, self.quantization = quantized_graph(lifted, settings)
+            lifted, self.quantization = quantized_graph(lifted, settings, device=device)
         plan = self.quantization
         self._quantized_names = [w.name for w in lifted.weights[plan.num_weights :]] if plan is not None else []
         self._count = len(lifted.weights)
