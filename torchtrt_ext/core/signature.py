@@ -147,7 +147,11 @@ class InputSignature:
         """A fitting call's inputs as the compiled code takes them: tensors that are not dense copied
         into the recorded memory format (after mismatch() found no difference)."""
         conformed = flat
-        for i, (expected, actual) in enumerate(zip(self._leaves, flat)):
+        fast = self.__dict__.get("_fast") or self._make_fast()
+        # every fixed-shape tensor leaf dense in its format (the C++ pass): only the others to look at
+        positions = fast[1] if isinstance(flat, list) and fast[0].first_unsure(flat) < 0 else range(len(self._leaves))
+        for i in positions:
+            expected, actual = self._leaves[i], flat[i]
             if isinstance(expected, _TensorLeaf) and not actual.is_contiguous(memory_format=LAYOUTS[expected.layout]):
                 if conformed is flat:
                     conformed = list(flat)
