@@ -30,7 +30,7 @@ from ..engines import Engine, SavedQuantization, build_engine, resolve_kind
 from ..operations import engine_cache, files
 from ..operations.calibrate import check_fingerprint
 from ..operations.program import CompiledProgram
-from . import capture, routing
+from . import arguments, capture, routing
 from .backend import torchtrt_ext_backend
 from .following import FollowsWeights
 from .variant import Variant, first_line, read_binding, varying_dims
@@ -228,13 +228,7 @@ class CompiledModule(FollowsWeights, torch.nn.Module, CompiledProgram):
 
     def _normalize(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """One form per call: arguments that can be positional are, the rest sorted by name."""
-        if not kwargs:
-            return args, kwargs
-        try:
-            bound = self._forward_signature.bind(*args, **kwargs)
-        except TypeError:
-            return args, dict(sorted(kwargs.items()))  # the forward itself will say what is wrong
-        return bound.args, dict(sorted(bound.kwargs.items()))
+        return arguments.normal_form(self._forward_signature, args, kwargs)
 
     def _add_variant(self, args: tuple, kwargs: dict, flat: list, spec: pytree.TreeSpec) -> Variant | None:
         if not self.settings.weight_streaming:  # streaming: the inputs give the device, the model may stay on the host
