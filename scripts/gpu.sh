@@ -51,7 +51,7 @@ for s in $STEPS; do
       }
       export -f run_test_file; export OUT PY
       mkdir -p "$OUT/tests"
-      step tests bash -c "printf '%s\n' ${TESTS:-tests/test_dynamo_frames.py tests/test_cuda.py tests/test_streaming.py tests/test_refit.py tests/test_wrapper.py tests/test_backend.py tests/test_streams.py tests/test_refit_hot.py tests/test_files.py tests/test_file_integrity.py tests/test_runtime_leaks.py tests/test_wrapper_module.py tests/test_quantized_cuda.py tests/test_quantized_streaming_cuda.py} \
+      step tests bash -c "printf '%s\n' ${TESTS:-tests/test_dynamo_frames.py tests/test_cuda.py tests/test_streaming.py tests/test_refit.py tests/test_wrapper.py tests/test_backend.py tests/test_streams.py tests/test_refit_hot.py tests/test_files.py tests/test_file_integrity.py tests/test_runtime_leaks.py tests/test_wrapper_module.py tests/test_quantized_cuda.py tests/test_quantized_streaming_cuda.py tests/test_bart_graphs_cuda.py} \
         | xargs -P ${TEST_JOBS:-1} -I{} bash -c 'run_test_file {}'; ! grep -l -E '^(FAILED|ERROR)|[0-9]+ (failed|error)' $OUT/tests/*.log"
       ;;
     bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit;
