@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchtrt_ext
+from tests.test_quantized_engine import compiled_through, cosine
 from torchtrt_ext.core import lifting, quantize, quantize_pass
 from torchtrt_ext.operations.calibrate import quantizable_layers
 
@@ -83,10 +84,6 @@ def hand_reference(model, cache, precision, call, skip=(), scale_error: float = 
     finally:
         for h in handles:
             h.remove()
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
 def assert_matches_reference(out, model, cache, precision, call, rel_tol: float, skip=()):
@@ -247,14 +244,8 @@ def test_convnet_matches_the_hand_reference(precision, route):
     model = _convnet()
     cache = _convnet_cache(model)
     x = _images(9)
-    options = {"precision": precision, "calibration": cache, "engine": "builtin"}
-    if route == "wrapper":
-        compiled = torchtrt_ext.compile(model, (x,), **options)
-        engines = compiled.engines
-    else:
-        compiled = torch.compile(model, backend="torchtrt_ext", options=options)
-        compiled(x)
-        engines = torchtrt_ext.engines_of(model)
+    compiled = compiled_through(route, model, (x,), {}, precision=precision, calibration=cache, engine="builtin")
+    engines = torchtrt_ext.engines_of(model)
     out = compiled(x)
     assert [e.quantization.layers for e in engines] == [tuple(CONVNET_LAYERS)]
     assert_matches_reference(out, model, cache, precision, lambda m: m(x), rel_tol=1e-4)
@@ -305,12 +296,7 @@ def test_gpt2_matches_the_hand_reference(precision, route):
     model = _gpt2()
     cache = _gpt2_cache(model)
     ids = _ids(10)
-    options = {"precision": precision, "calibration": cache, "engine": "builtin"}
-    if route == "wrapper":
-        compiled = torchtrt_ext.compile(model, example_kwargs={"input_ids": ids}, **options)
-    else:
-        compiled = torch.compile(model, backend="torchtrt_ext", options=options)
-        compiled(input_ids=ids)
+    compiled = compiled_through(route, model, (), {"input_ids": ids}, precision=precision, calibration=cache, engine="builtin")
     out = compiled(input_ids=ids).logits
     plans = [e.quantization for e in torchtrt_ext.engines_of(model)]
     assert sorted(name for p in plans for name in p.layers) == sorted(GPT2_LAYERS)  # 8 Conv1D + lm_head

@@ -82,6 +82,16 @@ def reference(model: torch.nn.Module, cache: CalibrationCache, precision: str, c
             h.remove()
 
 
+def compiled_through(route: str, model: torch.nn.Module, args: tuple, kwargs: dict, **options):
+    """model compiled through one entry point ('wrapper' or 'backend') and called once with (args, kwargs):
+    its engines are built."""
+    if route == "wrapper":
+        return torchtrt_ext.compile(model, args, kwargs, **options)
+    compiled = torch.compile(model, backend="torchtrt_ext", options=options)
+    compiled(*args, **kwargs)
+    return compiled
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
@@ -191,12 +201,7 @@ def test_llama_matches_reference_arithmetic(precision, route, counter):
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 15 and sorted(f"{n}:input" for n in linears) == cache.names()
     ids = _ids(10)
-    options = {"precision": precision, "calibration": cache, "engine": "builtin"}
-    if route == "wrapper":
-        compiled = torchtrt_ext.compile(model, example_kwargs={"input_ids": ids}, **options)
-    else:
-        compiled = torch.compile(model, backend="torchtrt_ext", options=options)
-        compiled(input_ids=ids)  # compiles
+    compiled = compiled_through(route, model, (), {"input_ids": ids}, precision=precision, calibration=cache, engine="builtin")
     counter.calls = 0
     out = compiled(input_ids=ids).logits
     assert counter.calls == 15

@@ -21,9 +21,9 @@ WIDTH, DEPTH = 256, 4
 
 
 class Stack(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, width: int = WIDTH, depth: int = DEPTH):
         super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH))
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
 
     def forward(self, x):
         for layer in self.layers:

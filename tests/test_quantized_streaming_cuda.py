@@ -6,26 +6,16 @@ import pytest
 import torch
 
 import torchtrt_ext
+from tests.test_quantized_streaming import Stack
 
 pytestmark = pytest.mark.cuda
 
 PRECISIONS = ["int8", "fp8"]
 
 
-class _Stack(torch.nn.Module):
-    def __init__(self, width=1024, depth=4):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
 def _stack(seed):
     torch.manual_seed(seed)
-    return _Stack().eval()
+    return Stack(width=1024).eval()  # the CPU tests' stack, at a size the GPU's products take
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda_graphs"])

@@ -11,8 +11,9 @@ CUDA by the GPU's low-precision matrix products: fp8 through torch._scaled_mm wi
 activation's per-tensor scale for every row, the weight's per-channel scales; bfloat16 out, the only
 output row-wise scaling takes), int8 through torch._int_mm (int32 accumulation: exact up to K of
 about 130k) scaled in float32. Both quantize the activation with quantize.quantize_activation, as the
-reference does. Shapes the kernels refuse (int8: fewer than 17 rows, which the rows are padded to;
-sizes not multiples of 16) run the reference arithmetic on the GPU instead.
+reference does. The CUDA kernel is fused_linear (below) run eagerly: int8's rows are padded by 16
+(torch._int_mm takes more than 16), and sizes that are not multiples of 16 run the reference
+arithmetic on the GPU instead.
 
     quantized_conv(x, q_weight, w_scales, x_scale, bias, stride, padding, dilation, groups, out_dtype) -> Tensor
 
@@ -37,17 +38,26 @@ from . import quantize
 _FORMAT_OF = {torch.int8: quantize.FORMATS["int8"], torch.float8_e4m3fn: quantize.FORMATS["fp8"]}
 
 
-def _check(x: torch.Tensor, q_weight: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_weight_dtype(op: str, q_weight: torch.Tensor) -> None:
     if q_weight.dtype not in _FORMAT_OF:
-        raise ValueError(f"quantized_linear: the weight is {q_weight.dtype}; it must be int8 or float8_e4m3fn")
+        raise ValueError(f"{op}: the weight is {q_weight.dtype}; it must be int8 or float8_e4m3fn")
+
+
+def _check_scales_and_bias(op: str, q_weight: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Per-output-channel float32 scales, and a bias of one value per output."""
+    if w_scales.shape != (q_weight.shape[0],) or w_scales.dtype != torch.float32:
+        raise ValueError(f"{op}: w_scales must be float32 of shape ({q_weight.shape[0]},), got {w_scales.dtype} {tuple(w_scales.shape)}")
+    if bias is not None and bias.shape != (q_weight.shape[0],):
+        raise ValueError(f"{op}: bias of shape {tuple(bias.shape)} for {q_weight.shape[0]} outputs")
+
+
+def _check(x: torch.Tensor, q_weight: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    _check_weight_dtype("quantized_linear", q_weight)
     if q_weight.dim() != 2 or x.shape[-1] != q_weight.shape[1]:
         raise ValueError(
             f"quantized_linear: input of {x.shape[-1]} features for a weight of shape {tuple(q_weight.shape)}"
         )
-    if w_scales.shape != (q_weight.shape[0],) or w_scales.dtype != torch.float32:
-        raise ValueError(f"quantized_linear: w_scales must be float32 of shape ({q_weight.shape[0]},), got {w_scales.dtype} {tuple(w_scales.shape)}")
-    if bias is not None and bias.shape != (q_weight.shape[0],):
-        raise ValueError(f"quantized_linear: bias of shape {tuple(bias.shape)} for {q_weight.shape[0]} outputs")
+    _check_scales_and_bias("quantized_linear", q_weight, w_scales, bias)
 
 
 @torch.library.custom_op("torchtrt_ext::quantized_linear", mutates_args=(), device_types="cpu")
@@ -72,24 +82,10 @@ def _(x, q_weight, w_scales, x_scale, bias, out_dtype):
 @quantized_linear.register_kernel("cuda")
 def _(x, q_weight, w_scales, x_scale, bias, out_dtype):
     _check(x, q_weight, w_scales, bias)
-    fmt = _FORMAT_OF[q_weight.dtype]
     n, k = q_weight.shape
     if not aligned(k, n):
-        return quantize.linear_reference(x, q_weight, w_scales, x_scale, bias, fmt, out_dtype)
-    q_x = quantize.quantize_activation(x.reshape(-1, k), x_scale, fmt).contiguous()  # the kernels take row-major A
-    m = q_x.shape[0]
-    if fmt.dtype == torch.int8:
-        rows = max(m, _INT_MM_MIN_ROWS)
-        if rows != m:
-            q_x = torch.cat([q_x, q_x.new_zeros(rows - m, k)])
-        acc = torch._int_mm(q_x, q_weight.t())[:m]
-        y = acc.float() * (w_scales * x_scale)
-    else:
-        scale_a = torch.full((m, 1), x_scale, dtype=torch.float32, device=x.device)
-        y = torch._scaled_mm(q_x, q_weight.t(), scale_a=scale_a, scale_b=w_scales.view(1, n), out_dtype=torch.bfloat16)
-    if bias is not None:
-        y = y.float() + bias.float()
-    return y.reshape(*x.shape[:-1], n).to(out_dtype)
+        return quantize.linear_reference(x, q_weight, w_scales, x_scale, bias, _FORMAT_OF[q_weight.dtype], out_dtype)
+    return fused_linear(x, q_weight, w_scales, x_scale, bias, out_dtype)  # the one GPU arithmetic, eagerly
 
 
 _INT_MM_MIN_ROWS = 17  # torch._int_mm takes more than 16 rows
@@ -136,8 +132,7 @@ def fused_linear(
 
 def _check_conv(x, q_weight, w_scales, bias, stride, padding, dilation, groups) -> int:
     """The number of spatial dimensions, after checking the arguments against each other."""
-    if q_weight.dtype not in _FORMAT_OF:
-        raise ValueError(f"quantized_conv: the weight is {q_weight.dtype}; it must be int8 or float8_e4m3fn")
+    _check_weight_dtype("quantized_conv", q_weight)
     n = q_weight.dim() - 2
     if not 1 <= n <= 3 or x.dim() not in (n + 1, n + 2) or x.shape[x.dim() - n - 1] != q_weight.shape[1] * groups:
         raise ValueError(
@@ -145,10 +140,7 @@ def _check_conv(x, q_weight, w_scales, bias, stride, padding, dilation, groups) 
         )
     if len(stride) != n or len(dilation) != n or len(padding) not in (n, 2 * n):
         raise ValueError(f"quantized_conv: stride {stride}, dilation {dilation} and padding {padding} for {n} spatial dimension(s)")
-    if w_scales.shape != (q_weight.shape[0],) or w_scales.dtype != torch.float32:
-        raise ValueError(f"quantized_conv: w_scales must be float32 of shape ({q_weight.shape[0]},), got {w_scales.dtype} {tuple(w_scales.shape)}")
-    if bias is not None and bias.shape != (q_weight.shape[0],):
-        raise ValueError(f"quantized_conv: bias of shape {tuple(bias.shape)} for {q_weight.shape[0]} outputs")
+    _check_scales_and_bias("quantized_conv", q_weight, w_scales, bias)
     return n
 
 
