@@ -98,9 +98,11 @@ class Flattener:
 
 
 def _generic_flatten_fn() -> Any:
-    """transformers' generic flattener, where transformers and its exporter are loaded; else None."""
-    exporter = sys.modules.get("transformers.exporters.exporter_dynamo")
-    return getattr(exporter, "_pytree_flatten", None)
+    """transformers' generic flattener, as registered for its cache classes (DynamicCache's, the same
+    function as every other's), where transformers registered them; else None."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    node = pytree.SUPPORTED_NODES.get(getattr(cache_utils, "DynamicCache", None))
+    return node.flatten_fn if node is not None else None
 
 
 def _walk(obj: Any, records: list[tuple], path: set[int]) -> bool:
