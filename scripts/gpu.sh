@@ -47,11 +47,12 @@ for s in $STEPS; do
         echo "--- $1 rc=$? $((SECONDS - start))s: $(tail -1 "$log")"
         grep -E "^(FAILED|ERROR)" "$log" | cut -c1-400 || true  # the failures, where they are seen
         # the first failure's traceback too: the device returns only a few files, and the output's tail
-        sed -n '/^=* \(FAILURES\|ERRORS\) =*$/,/^=* short test summary/p' "$log" | grep -v -E "Warning|warn" | head -40 || true
+        sed -n '/^=* \(FAILURES\|ERRORS\) =*$/,/^=* short test summary/p' "$log" | grep -v -E "Warning|warn|^DEBUG" | head -30 || true
+        grep -m 12 "^E " "$log" | cut -c1-300 || true  # the errors themselves (a long traceback hides them)
       }
       export -f run_test_file; export OUT PY
       mkdir -p "$OUT/tests"
-      step tests bash -c "printf '%s\n' ${TESTS:-tests/test_dynamo_frames.py tests/test_cuda.py tests/test_streaming.py tests/test_refit.py tests/test_wrapper.py tests/test_backend.py tests/test_streams.py tests/test_refit_hot.py tests/test_files.py tests/test_file_integrity.py tests/test_runtime_leaks.py tests/test_wrapper_module.py tests/test_quantized_cuda.py tests/test_quantized_streaming_cuda.py tests/test_bart_graphs_cuda.py} \
+      step tests bash -c "printf '%s\n' ${TESTS:-tests/test_dynamo_frames.py tests/test_cuda.py tests/test_streaming.py tests/test_refit.py tests/test_wrapper.py tests/test_backend.py tests/test_streams.py tests/test_refit_hot.py tests/test_files.py tests/test_file_integrity.py tests/test_runtime_leaks.py tests/test_wrapper_module.py tests/test_quantized_cuda.py tests/test_quantized_streaming_cuda.py tests/test_bart_graphs_cuda.py tests/test_quantized_models_cuda.py} \
         | xargs -P ${TEST_JOBS:-1} -I{} bash -c 'run_test_file {}'; ! grep -l -E '^(FAILED|ERROR)|[0-9]+ (failed|error)' $OUT/tests/*.log"
       ;;
     bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit;

@@ -127,3 +127,55 @@ def test_cuda_graphs_hold_fused_linear_layers_of_aligned_shapes_and_the_op_elsew
     targets = [n.target for n in on_cuda.gm.graph.nodes if n.target in quantize_pass.QUANTIZED_TARGETS]
     assert targets == [quantize_pass.FUSED_LINEAR, quantize_pass.QUANTIZED_LINEAR]
 
+
+
+def test_int8_products_take_a_row_major_input_whatever_layout_inductor_picks(monkeypatch):
+    """cuBLAS's int8 product refuses an A of B's layout; Inductor makes a quantized input computed from a
+    column-major one column-major. The product's A, seen where torch._int_mm is called, is row-major
+    after Inductor, and the numbers are the reference's."""
+    from torchtrt_ext.core.quantized_ops import fused_linear
+
+    fmt, w, b, qw, scales = _layer("int8")
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3)).t()  # (8, 64), column-major
+    x_scale = quantize.activation_scale(float(x.abs().max()), fmt)
+    seen, int_mm = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: seen.append(a.stride()) or int_mm(a, b))
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda t: fused_linear(t, qw, scales, x_scale, b, torch.float32))(x)
+    out = torch._inductor.compile(gm, [x])(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    assert seen and all(s == (64, 1) for s in seen), seen  # (24, 64) row-major: 8 rows and the 16 of padding
+    expected = quantize.linear_reference(x, qw, scales, x_scale, b, fmt, torch.float32)
+    torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_compiled_quantized_layers_round_as_eager_does(precision):
+    """Four fused layers through Inductor with the engines' config equal the same layers run eagerly, bit
+    for bit: a fused kernel that kept a bfloat16 value in float32 before the next layer quantized it
+    would move some activations by a quantization step (and a streamed engine, whose segments end
+    between layers, would differ from a resident one)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from torchtrt_ext.core.inductor import config_patches
+    from torchtrt_ext.core.quantized_ops import fused_linear
+
+    fmt = quantize.quant_format(precision)
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for i in range(4):
+        qw, scales = quantize.quantize_weight(torch.randn(256, 256, generator=g) / 16, fmt)
+        bias = torch.randn(256, generator=g).to(torch.bfloat16)
+        layers.append((qw, scales, quantize.activation_scale(3.0 if i == 0 else 1.0, fmt), bias))
+
+    def stack(x):
+        for qw, scales, x_scale, bias in layers:
+            x = torch.relu(fused_linear(x, qw, scales, x_scale, bias, torch.bfloat16))
+        return x
+
+    x = torch.randn(32, 256, generator=g).to(torch.bfloat16)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(stack)(x)
+    assert config_patches(gm)["emulate_precision_casts"]
+    out = compile_fx(gm, [x], config_patches=config_patches(gm))(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    expected = stack(x)
+    assert expected.abs().sum() > 0 and torch.equal(out, expected)

@@ -11,9 +11,9 @@ CUDA by the GPU's low-precision matrix products: fp8 through torch._scaled_mm wi
 activation's per-tensor scale for every row, the weight's per-channel scales; bfloat16 out, the only
 output row-wise scaling takes), int8 through torch._int_mm (int32 accumulation: exact up to K of
 about 130k) scaled in float32. Both quantize the activation with quantize.quantize_activation, as the
-reference does. The CUDA kernel is fused_linear (below) run eagerly: int8's rows are padded by 16
-(torch._int_mm takes more than 16), and sizes that are not multiples of 16 run the reference
-arithmetic on the GPU instead.
+reference does. The CUDA kernel is fused_linear (below) run eagerly, with int8's product in
+``torchtrt_ext::int8_mm`` (torch._int_mm's row count and layouts, made right where it is called);
+sizes that are not multiples of 16 run the reference arithmetic on the GPU instead.
 
     quantized_conv(x, q_weight, w_scales, x_scale, bias, stride, padding, dilation, groups, out_dtype) -> Tensor
 
@@ -96,6 +96,24 @@ def aligned(k: int, n: int) -> bool:
     return k % 16 == 0 and n % 16 == 0
 
 
+@torch.library.custom_op("torchtrt_ext::int8_mm", mutates_args=())
+def int8_mm(q_x: torch.Tensor, q_weight: torch.Tensor) -> torch.Tensor:
+    """q_x (rows, k) @ q_weight (n, k).t() in int32, through torch._int_mm as cuBLAS takes it: more than
+    16 rows (padded by 16: a branch on the row count would specialise a dynamic batch) and a row-major
+    q_x against the column-major q_weight.t() (cuBLASLt's int8 products refuse A and B of the same
+    layout: CUBLAS_STATUS_NOT_SUPPORTED, seen on the H200). An op of its own, because Inductor picks the
+    layout of a computed q_x (column-major when it is computed from a column-major input) and never
+    learns _int_mm's rule; here q_x is made row-major where it is used."""
+    rows = q_x.shape[0]
+    padded = torch.nn.functional.pad(q_x.contiguous(), (0, 0, 0, _INT_MM_MIN_ROWS - 1))
+    return torch._int_mm(padded, q_weight.t())[:rows]
+
+
+@int8_mm.register_fake
+def _(q_x, q_weight):
+    return q_x.new_empty((q_x.shape[0], q_weight.shape[0]), dtype=torch.int32)
+
+
 def fused_linear(
     x: torch.Tensor,
     q_weight: torch.Tensor,
@@ -112,16 +130,15 @@ def fused_linear(
     an activation function), and the scaling and bias into the one that reads the product; the
     products stay cuBLAS's (torch._scaled_mm row-wise for fp8, torch._int_mm for int8: the same kernels
     as the op's). Same arithmetic as quantize.linear_reference, within the rounding of values Inductor
-    keeps in float32 between fused steps. Takes aligned() shapes; int8 rows are always padded by 16
-    (torch._int_mm takes more than 16; a branch on the row count would specialise a dynamic batch)."""
+    keeps in float32 between fused steps (core/inductor.py has Inductor round those as eager does). Takes
+    aligned() shapes; int8's product is int8_mm (above)."""
     _check(x, q_weight, w_scales, bias)
     fmt = _FORMAT_OF[q_weight.dtype]
     n, k = q_weight.shape
     rows = x.reshape(-1, k)
     q_x = quantize.quantize_activation(rows, x_scale, fmt).contiguous()  # the products take row-major A
     if fmt.dtype == torch.int8:
-        acc = torch._int_mm(torch.nn.functional.pad(q_x, (0, 0, 0, _INT_MM_MIN_ROWS - 1)), q_weight.t())[: rows.shape[0]]
-        y = acc.float() * (w_scales * x_scale)
+        y = torch.ops.torchtrt_ext.int8_mm(q_x, q_weight).float() * (w_scales * x_scale)
     else:
         scale_a = torch.full((rows.shape[0], 1), x_scale, dtype=torch.float32, device=x.device)
         y = torch._scaled_mm(q_x, q_weight.t(), scale_a=scale_a, scale_b=w_scales.view(1, n), out_dtype=torch.bfloat16)
