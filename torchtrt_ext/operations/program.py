@@ -53,6 +53,10 @@ class CompiledProgram(abc.ABC):
     def weight_names(self) -> frozenset[str]:
         """Every parameter and buffer name of the model (tied ones under each name)."""
 
+    @abc.abstractmethod
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's parameters and buffers by every name (tied ones under each), as they are now."""
+
     @property
     @abc.abstractmethod
     def state_dict_names(self) -> frozenset[str]:

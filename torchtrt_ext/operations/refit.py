@@ -76,7 +76,8 @@ def refit(compiled: Any, weights: Any, strict: bool = True) -> RefitReport:
             for name, (target, value) in eager.items():
                 target.copy_(value, non_blocking=True)
                 written += target.nbytes
-            written += _write_model(_model_of(compiled), plan, indexes)
+            own = compiled.model_tensors() if isinstance(compiled, CompiledProgram) else None
+            written += _write_model(_model_of(compiled), plan, indexes, own)
         unused = unused - set(eager)
         if isinstance(compiled, CompiledProgram):
             # complete once every state_dict weight came (stripped files keep constants, non-persistent buffers)
@@ -100,14 +101,20 @@ def _model_of(compiled: Any) -> torch.nn.Module | None:
     return None
 
 
-def _write_model(module: torch.nn.Module | None, plan: list, indexes: Sequence[Mapping[str, int]]) -> int:
+def _write_model(
+    module: torch.nn.Module | None,
+    plan: list,
+    indexes: Sequence[Mapping[str, int]],
+    own: Mapping[str, torch.Tensor] | None = None,
+) -> int:
     """The model's own tensors take the values loaded where they are not the engine's memory (a
     weight-streaming engine's device copies): the model stays what its engines compute, for its
-    state_dict, an eager call and a later compile. Returns the bytes written."""
+    state_dict, an eager call and a later compile. `own`: the module's tensors by name, where the
+    caller has them. Returns the bytes written."""
     if module is None:
         return 0
-    own = dict(module.named_parameters(remove_duplicate=False))
-    own.update(module.named_buffers(remove_duplicate=False))
+    if own is None:
+        own = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
     written = 0
     for (engine, values), index_of in zip(plan, indexes):
         held = {t.data_ptr() for t in engine.held_tensors()}  # kept by the engine, ordered against its calls
