@@ -92,6 +92,11 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
     folder = tempfile.mkdtemp(prefix="torchtrt_ext_files_")
     paths = {k: os.path.join(folder, f"weights.{k}") for k in ("ttx", "safetensors", "pt")}
     rows = []
+    began = time.perf_counter()
+
+    def stage(label: str) -> None:  # where a time-limited run spends its time (stdout only)
+        print(f"[files] {label}: {time.perf_counter() - began:.1f} s", flush=True)
+
     with torch.no_grad():
         torch.manual_seed(0)
         model = _Big(8192, depth, device).eval()
@@ -100,20 +105,24 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         x = torch.randn(4, 8192, device=device, dtype=torch.float16)
         compiled = torchtrt_ext.compile(model, (x,), dynamic_batch=False)
         expected = compiled(x)
+        stage("compiled")
         start = time.perf_counter()
         size = torchtrt_ext.save(compiled, paths["ttx"])
         save_s = time.perf_counter() - start
+        stage("our file saved")
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         import safetensors.torch
 
         safetensors.torch.save_file(state, paths["safetensors"])
         torch.save({k: v.cpu() for k, v in state.items()}, paths["pt"])
+        stage("the peers' files saved")
         del model, compiled, state
         torch.cuda.empty_cache()
         loaded = torchtrt_ext.load(paths["ttx"])
         exact = bool(torch.equal(loaded(x), expected))
         del loaded
         torch.cuda.empty_cache()
+        stage("loaded and checked in this process")
     # Single reads of the same file vary by +-0.15 s between fresh processes (session 6): the three
     # loads are taken ROUNDS times, interleaved, and the median is the figure.
     timed: dict[str, list[dict]] = {}
@@ -121,7 +130,9 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
     for _ in range(ROUNDS):
         for method, path in order:
             timed.setdefault(method, []).append(_probe(method, path))
+        stage(f"round {len(timed[method])} read")
     timed["ours (load + compile)"] = [_probe("ours (load + compile)", paths["ttx"])]
+    stage("load + compile")
     for method, path in [*order, ("ours (load + compile)", paths["ttx"])]:
         results = sorted(timed[method], key=lambda r: r["seconds"])
         result = results[len(results) // 2]

@@ -69,6 +69,11 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
     pinned_src = torch.empty(total, dtype=torch.uint8).pin_memory()
     copy_dst = torch.empty(total, dtype=torch.uint8, device=device)
     rows = []
+    began = time.perf_counter()
+
+    def stage(label: str) -> None:  # where a time-limited run spends its time (stdout only)
+        print(f"[streaming] {label}: {time.perf_counter() - began:.1f} s", flush=True)
+
     with torch.no_grad():
         gpu_model = copy.deepcopy(model).to(device)
         for batch, tokens in shapes:
@@ -77,6 +82,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             # and with cuda_graphs=True (the host's launches out of the step).
             resident = torchtrt_ext.compile(gpu_model, (ids,), dynamic_batch=False)
             resident_graphs = torchtrt_ext.compile(gpu_model, (ids,), dynamic_batch=False, cuda_graphs=True)
+            stage(f"{batch}x{tokens}: resident engines compiled")
             resident_profile = _launch_profile(lambda: resident(ids))
             t_eager = _time_ms(lambda: gpu_model(ids), 5)  # an anchor against the engine benchmark's runs
             reference = resident(ids).float()
@@ -85,6 +91,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
             streamed = torchtrt_ext.compile(model, (ids,), weight_streaming=True, dynamic_batch=False)
             compile_s = time.perf_counter() - start
             streamed_graphs = torchtrt_ext.compile(model, (ids,), weight_streaming=True, dynamic_batch=False, cuda_graphs=True)
+            stage(f"{batch}x{tokens}: streamed engines compiled")
             engine = streamed.engines[0]
             ws, ws_graphs = torchtrt_ext.weight_streaming(streamed), torchtrt_ext.weight_streaming(streamed_graphs)
             for percent in BUDGETS:
@@ -141,6 +148,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         del gpu_model, copy_dst
         torch.cuda.empty_cache()
 
+        stage("ours timed")
         # The peer: accelerate's cpu_offload (weights on the host, moved at each module's call).
         from accelerate import cpu_offload
 
