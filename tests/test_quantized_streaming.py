@@ -153,3 +153,39 @@ def test_a_float_weight_another_layer_still_reads_is_streamed_with_its_quantized
     torchtrt_ext.refit(streamed, new)
     torchtrt_ext.refit(resident, new)
     assert torch.equal(streamed(ids)[0], resident(ids)[0])
+
+
+class _GainThenLayers(torch.nn.Module):
+    """A norm and a large elementwise weight (no quantized layer: a segment of its own when streamed),
+    then two quantized layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.rand(256, 256) + 0.5)
+        self.c, self.d = torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)
+
+    def forward(self, x):
+        h = x.float()
+        h = self.gain * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        return self.d(torch.relu(self.c(h)))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_segment_without_quantized_layers_rounds_as_the_resident_engine(precision):
+    """An engine decides its rounding once (core/inductor.config_patches): a streamed segment that
+    quantizes nothing still rounds its bfloat16 casts as the resident engine's graph does, or the next
+    segment's quantization moves by whole steps."""
+    torch.manual_seed(0)
+    model = _GainThenLayers().eval().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    cache = torchtrt_ext.calibrate(model, [((torch.randn(256, 256, generator=g) * 2).to(torch.bfloat16),) for _ in range(4)], progress=False)
+    x = (torch.randn(256, 256, generator=g) * 2).to(torch.bfloat16)
+    settings = Settings(engine="builtin", precision=precision, calibration=cache)
+    ep = torch.export.export(model, (x,), strict=False)
+    streamed = StreamedEngine(
+        lifting.from_export(ep), settings.replace(weight_streaming=True, weight_streaming_budget=0), torch.device("cpu"), 3
+    )
+    resident = BuiltinEngine(lifting.from_export(ep), settings)
+    assert streamed.segment_count == 3
+    expected = resident(x)[0]
+    assert expected.abs().sum() > 0 and torch.equal(streamed(x)[0], expected)

@@ -94,6 +94,14 @@ def test_a_wrapper_refit_reads_the_model_tensors_without_walking_the_module_tree
         assert torch.equal(value, new[name]), name
     with torch.no_grad():
         zoo.assert_matches(compiled(x), zoo.build("mlp", "cpu", seed=3)(x), torch.float32)
+    # A submodule replaced after the compile: its tensors are none of the engine's, and take the values too
+    model.fc3 = torch.nn.Linear(model.fc3.in_features, model.fc3.out_features)
+    new = _weights("mlp", "cpu", seed=4)
+    torchtrt_ext.refit(compiled, new)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, new[name]), name
+    with torch.no_grad():
+        zoo.assert_matches(compiled(x), model(x), torch.float32)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)

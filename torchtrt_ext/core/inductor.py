@@ -27,22 +27,31 @@ CONFIG_PATCHES = {"triton.cudagraphs": False}
 _QUANTIZED_DTYPES = frozenset({torch.int8, torch.float8_e4m3fn, torch.float8_e5m2})
 
 
-def config_patches(gm: torch.fx.GraphModule) -> dict[str, Any]:
-    """Inductor's config for this graph. Graphs that quantize also round every cast as eager does
-    (emulate_precision_casts): a fused kernel otherwise keeps in float32 a value that eager, or a graph
+def quantizes(gm: torch.fx.GraphModule) -> bool:
+    """Whether a graph makes or reads 8-bit quantized values."""
+    return any(getattr(node.meta.get("val"), "dtype", None) in _QUANTIZED_DTYPES for node in gm.graph.nodes)
+
+
+def config_patches(exact_casts: bool) -> dict[str, Any]:
+    """Inductor's config for an engine's graphs. exact_casts (an engine whose graph quantizes: every
+    one of its graphs, a streamed engine's segments included): round every cast as eager does
+    (emulate_precision_casts). A fused kernel otherwise keeps in float32 a value that eager, or a graph
     split elsewhere (a streamed engine's segments), rounds to float16 before the next layer quantizes
     it, and the 8-bit results then differ by whole quantization steps. Measured on the H200: a streamed
-    and a resident quantized engine of the same model differed by 2-4% in some elements without it."""
-    quantizes = any(getattr(node.meta.get("val"), "dtype", None) in _QUANTIZED_DTYPES for node in gm.graph.nodes)
-    return {**CONFIG_PATCHES, "emulate_precision_casts": True} if quantizes else dict(CONFIG_PATCHES)
+    and a resident quantized engine of the same model differed by 2-4% in some elements without it.
+    An engine decides once: a segment without a quantized layer rounds as the rest of its engine."""
+    return {**CONFIG_PATCHES, "emulate_precision_casts": True} if exact_casts else dict(CONFIG_PATCHES)
 
 
-def compile_graph(gm: torch.fx.GraphModule, example_args: Sequence[Any]) -> Any:
-    """compile_fx on an inference graph (weights among its inputs), without autograd."""
+def compile_graph(gm: torch.fx.GraphModule, example_args: Sequence[Any], exact_casts: bool | None = None) -> Any:
+    """compile_fx on an inference graph (weights among its inputs), without autograd. exact_casts:
+    config_patches'; by default, whether this graph quantizes."""
     from torch._inductor.compile_fx import compile_fx
 
+    if exact_casts is None:
+        exact_casts = quantizes(gm)
     with torch.no_grad():
-        return compile_fx(gm, list(example_args), config_patches=config_patches(gm))
+        return compile_fx(gm, list(example_args), config_patches=config_patches(exact_casts))
 
 
 def unwrapped(compiled: Callable[..., Any]) -> Callable[..., Any]:

@@ -18,7 +18,7 @@ import torch
 
 from ..core import lifting
 from ..core.errors import RefitError, TorchTRTExtError
-from ..core.inductor import compile_graph, config_patches, unwrapped
+from ..core.inductor import compile_graph, config_patches, quantizes, unwrapped
 from ..core.lifting import LiftedGraph
 from ..core.settings import Settings
 from .base import Engine, MemoryUse, weight_memory
@@ -93,7 +93,7 @@ def _compile(lifted: LiftedGraph, keep_artifact: bool = False) -> Any:
         from torch._guards import TracingContext, detect_fake_mode, tracing
         from torch._inductor import standalone_compile
 
-        patches = {**config_patches(lifted.gm), "triton.autotune_at_compile_time": config.triton.autotune_at_compile_time}
+        patches = {**config_patches(quantizes(lifted.gm)), "triton.autotune_at_compile_time": config.triton.autotune_at_compile_time}
         with tracing(TracingContext(detect_fake_mode(lifted.example_args))):  # export's fake tensors
             return standalone_compile(
                 lifted.gm, lifted.example_args, dynamic_shapes="from_tracing_context", options={"config_patches": patches}

@@ -357,6 +357,17 @@ def watch_weights(module: torch.nn.Module) -> tuple[Any, list[tuple[dict, str]],
     return watch, owners, names
 
 
+def watch_tree(module: torch.nn.Module) -> Any:
+    """A runtime WeightWatch over every submodule slot of the module (by identity): it reports a
+    submodule replaced or removed, after which the parameter and buffer slots that watch_weights
+    found are no longer all of the model's."""
+    watch = WeightWatch()
+    for _, sub in module.named_modules(remove_duplicate=False):
+        for key in sub._modules:
+            watch.add(sub._modules, key)
+    return watch
+
+
 def follows(new: torch.Tensor, old: torch.Tensor, any_device: bool = False) -> bool:
     """Whether an engine compiled for `old` can compute with `new`: refit's rule (same shape, a
     floating dtype converts), and on the same device unless the engine copies from anywhere."""

@@ -6,8 +6,8 @@ compiled code saved whole (Inductor's CompiledArtifact of the lifted graph) with
 model (where each weight and input goes, the signature, the output structure, the in-place updates),
 the exported graph (read only where a module built from the entry is saved), and Inductor's cache
 artifacts (autotuning results); a quantized engine's entry holds its quantization plan too (its quantized
-weights are made from the live model's on a hit). The key hashes: torchtrt_ext, torch and TensorRT
-versions; the device and its compute capability; the settings (a quantized engine's precision and its
+weights are made from the live model's on a hit). The key hashes: torchtrt_ext's version and a digest of its own code, torch's and
+TensorRT's versions; the device and its compute capability; the settings (a quantized engine's precision and its
 calibration cache's digest among them); the call's structure, dtypes and shapes; and the model: its
 module classes, the source of their code, and the names, shapes and dtypes of its parameters and
 buffers. On a hit the compiled code is loaded and bound to the live model's own tensors: nothing is
@@ -17,6 +17,7 @@ alone, which a hit compiles again (from Inductor's caches where they help).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -33,8 +34,28 @@ from ..engines.tensorrt import tensorrt_version
 log = logging.getLogger("torchtrt_ext")
 
 # What an entry holds and how its key is made (bumped when either changes). 5: quantized engines (the
-# entry's quantization plan; the key's precision and calibration digest).
-ENTRY_FORMAT = 5
+# entry's quantization plan; the key's precision and calibration digest). 6: the key holds
+# torchtrt_ext's own code (package_digest).
+ENTRY_FORMAT = 6
+
+
+@functools.lru_cache(maxsize=None)
+def package_digest() -> str:
+    """A digest of torchtrt_ext's own Python code and runtime library: the passes, lowering and Inductor
+    settings that made an entry's compiled code. Its version alone stays the same across changes that
+    alter the code it compiles (a quantized graph's rounding, say), which must miss. Taken once a
+    process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for folder, dirs, names in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(names):
+            if name.endswith((".py", ".so", ".pyd")):
+                path = os.path.join(folder, name)
+                h.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
 
 
 def _skipped(obj: Any) -> bool:
@@ -106,7 +127,7 @@ def key(module: torch.nn.Module, spec: Any, flat: Sequence[Any], settings: Setti
             h.update(repr(p).encode())
             h.update(b"\0")
 
-    add("torchtrt_ext", __version__, ENTRY_FORMAT, torch.__version__, tensorrt_version())
+    add("torchtrt_ext", __version__, ENTRY_FORMAT, package_digest(), torch.__version__, tensorrt_version())
     add(sorted((k, v) for k, v in settings.as_dict().items() if k not in ("cache_dir", "max_variants", "calibration")))
     # Quantized engines: the precision and the calibration cache's whole content (another cache, or the
     # same at another precision, is another engine: other activation scales baked into its code)

@@ -32,7 +32,7 @@ import torch.fx
 from torch.fx.passes.split_module import split_module
 
 from ...core.errors import TorchTRTExtError
-from ...core.inductor import compile_graph
+from ...core.inductor import compile_graph, quantizes
 from ...core.lifting import LiftedGraph
 from ...core.runtime import _C
 from .partition import move_graph_to, partition, real_example
@@ -101,6 +101,7 @@ class StreamedProgram:
         self._cuda = device.type == "cuda"
         gm = lifted.gm
         move_graph_to(gm, device)
+        self._exact_casts = quantizes(gm)  # decided for the whole graph: every segment rounds alike
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         weight_of = {lifted.weights[i].position: i for i in range(len(lifted.weights))}
         self._weights = [w.tensor for w in lifted.weights]
@@ -246,7 +247,7 @@ class StreamedProgram:
                 continue
             val = p.meta.get("val", p.meta.get("example_value"))
             inputs.append(torch.empty(tuple(val.shape), dtype=val.dtype, device=self.device))  # packed: contiguous
-        compiled = compile_graph(sub, inputs)
+        compiled = compile_graph(sub, inputs, self._exact_casts)
         with torch.no_grad():
             out = compiled(*inputs)
         weights = [i for kind, i in args if kind == "w"]
