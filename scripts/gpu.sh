@@ -58,7 +58,7 @@ for s in $STEPS; do
     bench)  # one process per benchmark (a failure cannot poison the next), each with a time limit;
             # BENCHMARKS entries are name:timeout_s[:extra-args], e.g. streaming:300:--quick
       step bench bash -c "for b in ${BENCHMARKS:-engine_llama:240 engine_resnet50:200 streams:100 refit:200 streaming:450 files:300 engine_cache:420}; do \
-        IFS=: read -r name limit extra <<< \"\$b\"; echo \"--- \$name\"; \
+        IFS=: read -r name limit extra <<< \"\$b\"; echo \"--- \$name (\$SECONDS s into the bench step)\"; \
         timeout \$limit $PY -m benchmarks \$name --out $OUT ${BENCH_ARGS:-} \$extra; echo \"\$name rc=\$?\"; done" ;;
     stress)
       step stress $PY -m tests.stress_streams --calls 10000 --threads 4 ;;

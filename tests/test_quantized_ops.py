@@ -180,3 +180,13 @@ def test_compiled_quantized_layers_round_as_eager_does(precision):
     out = out[0] if isinstance(out, (list, tuple)) else out
     expected = stack(x)
     assert expected.abs().sum() > 0 and torch.equal(out, expected)
+
+
+def test_int8_mm_names_wrong_dtypes_and_shapes():
+    q = torch.randint(-9, 9, (4, 64), dtype=torch.int8)
+    w = torch.randint(-9, 9, (32, 64), dtype=torch.int8)
+    assert torch.equal(torch.ops.torchtrt_ext.int8_mm(q, w), (q.double() @ w.double().t()).int())
+    with pytest.raises(ValueError, match=r"2-D int8 tensors, got torch.float32 \(4, 64\)"):
+        torch.ops.torchtrt_ext.int8_mm(q.float(), w)
+    with pytest.raises(ValueError, match=r"48 input features for a weight of shape \(32, 64\)"):
+        torch.ops.torchtrt_ext.int8_mm(torch.zeros(4, 48, dtype=torch.int8), w)

@@ -103,6 +103,7 @@ def int8_mm(q_x: torch.Tensor, q_weight: torch.Tensor) -> torch.Tensor:
     layout: CUBLAS_STATUS_NOT_SUPPORTED, seen on the H200). The op ``torchtrt_ext::int8_mm``, because
     Inductor picks the layout of a computed q_x (column-major when it is computed from a column-major
     input) and never learns _int_mm's rule; here q_x is made row-major where it is used."""
+    _check_int8_mm(q_x, q_weight)
     rows = q_x.shape[0]
     padded = torch.nn.functional.pad(q_x.contiguous(), (0, 0, 0, _INT_MM_MIN_ROWS - 1))
     return torch._int_mm(padded, q_weight.t())[:rows]
@@ -116,8 +117,18 @@ _LIBRARY.define("int8_mm(Tensor q_x, Tensor q_weight) -> Tensor")
 _LIBRARY.impl("int8_mm", int8_mm, "CompositeExplicitAutograd")
 
 
+def _check_int8_mm(q_x: torch.Tensor, q_weight: torch.Tensor) -> None:
+    if q_x.dtype != torch.int8 or q_weight.dtype != torch.int8 or q_x.dim() != 2 or q_weight.dim() != 2:
+        raise ValueError(
+            f"int8_mm takes 2-D int8 tensors, got {q_x.dtype} {tuple(q_x.shape)} and {q_weight.dtype} {tuple(q_weight.shape)}"
+        )
+    if q_x.shape[1] != q_weight.shape[1]:
+        raise ValueError(f"int8_mm: {q_x.shape[1]} input features for a weight of shape {tuple(q_weight.shape)}")
+
+
 @torch.library.register_fake("torchtrt_ext::int8_mm")
 def _(q_x, q_weight):
+    _check_int8_mm(q_x, q_weight)
     return q_x.new_empty((q_x.shape[0], q_weight.shape[0]), dtype=torch.int32)
 
 
