@@ -9,7 +9,7 @@
 namespace torchtrt_ext {
 
 void WeightWatch::add(py::dict owner, py::str key) {
-  Entry e{owner, key, py::none(), 0, nullptr};
+  Entry e{owner, key, py::none(), 0, nullptr, false};
   snapshot(e);
   entries_.push_back(std::move(e));
 }
@@ -24,7 +24,9 @@ std::vector<int64_t> WeightWatch::changed() const {
       result.push_back(static_cast<int64_t>(i));
       continue;
     }
-    if (current == nullptr || !THPVariable_Check(current)) continue;
+    // the same object: a non-tensor (a submodule) is unchanged; THPVariable_Check on one runs Python's
+    // isinstance through the tensor metaclass (~150 ns each, measured on the CPU machine)
+    if (current == nullptr || !e.tensor) continue;
     const at::Tensor& t = THPVariable_Unpack(current);
     if (t.unsafeGetTensorImpl()->version_counter().current_version() != e.version || t.data_ptr() != e.data) {
       result.push_back(static_cast<int64_t>(i));
@@ -48,7 +50,8 @@ void WeightWatch::snapshot(Entry& e) {
   e.object = current ? py::reinterpret_borrow<py::object>(current) : py::object();
   e.version = 0;
   e.data = nullptr;
-  if (current != nullptr && THPVariable_Check(current)) {
+  e.tensor = current != nullptr && THPVariable_Check(current);
+  if (e.tensor) {
     const at::Tensor& t = THPVariable_Unpack(current);
     e.version = t.unsafeGetTensorImpl()->version_counter().current_version();
     e.data = t.defined() ? t.data_ptr() : nullptr;

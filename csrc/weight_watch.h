@@ -35,6 +35,7 @@ class TORCHTRT_EXT_HIDDEN WeightWatch {
     py::object object;
     uint32_t version;
     const void* data;
+    bool tensor;  // the object at the snapshot is a tensor; any other object (a submodule) is compared by identity only
   };
 
   static void snapshot(Entry& e);

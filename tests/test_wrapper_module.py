@@ -431,3 +431,24 @@ def test_generate_with_a_left_padded_batch_and_its_mask_equals_eager(arch):
     assert got.sequences.tolist() == expected.sequences.tolist()
     for g, e in zip(got.scores, expected.scores):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_a_replaced_submodule_is_followed_and_a_misshapen_one_refused():
+    """model.fc2 = nn.Linear(...) after wrapping (a new head): the engines compute with the new layer's
+    weights, as eager does; one of another shape is an error that names it, never a silent result."""
+    model = _net().eval()
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    wrapped = torchtrt_ext.compile(model, (x,))
+    with torch.no_grad():
+        first = wrapped(x)
+        torch.manual_seed(5)
+        model.fc2 = nn.Linear(32, 8)
+        out = wrapped(x)
+        assert not torch.allclose(out, first)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+        assert torchtrt_ext.refit(wrapped, _net(seed=3).state_dict()).engines == 1  # refit reaches the new layer
+        assert torch.equal(model.fc2.weight, _net(seed=3).fc2.weight)
+        torch.testing.assert_close(wrapped(x), _net(seed=3).eval()(x), rtol=1e-5, atol=1e-5)
+        model.fc2 = nn.Linear(32, 4)
+        with pytest.raises(RefitError, match=r"fc2.weight: is now \(4, 32\)"):
+            wrapped(x)

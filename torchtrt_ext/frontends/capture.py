@@ -342,11 +342,14 @@ def input_name(path: tuple, signature: inspect.Signature) -> str:
 
 
 def watch_weights(module: torch.nn.Module) -> tuple[Any, list[tuple[dict, str]], list[str]]:
-    """A runtime WeightWatch over every parameter and buffer slot of the module, by state_dict name."""
+    """A runtime WeightWatch over every parameter and buffer slot of the module, by state_dict name
+    (entries 0 .. len(names) - 1), then over every submodule slot (by identity: a submodule replaced
+    or removed, after which those parameter and buffer slots are no longer all of the model's)."""
     watch = WeightWatch()
     owners: list[tuple[dict, str]] = []
     names: list[str] = []
-    for prefix, sub in module.named_modules(remove_duplicate=False):
+    subs = list(module.named_modules(remove_duplicate=False))
+    for prefix, sub in subs:
         for table in (sub._parameters, sub._buffers):
             for key, value in table.items():
                 if value is None:
@@ -354,18 +357,10 @@ def watch_weights(module: torch.nn.Module) -> tuple[Any, list[tuple[dict, str]],
                 watch.add(table, key)
                 owners.append((table, key))
                 names.append(f"{prefix}.{key}" if prefix else key)
-    return watch, owners, names
-
-
-def watch_tree(module: torch.nn.Module) -> Any:
-    """A runtime WeightWatch over every submodule slot of the module (by identity): it reports a
-    submodule replaced or removed, after which the parameter and buffer slots that watch_weights
-    found are no longer all of the model's."""
-    watch = WeightWatch()
-    for _, sub in module.named_modules(remove_duplicate=False):
+    for _, sub in subs:
         for key in sub._modules:
             watch.add(sub._modules, key)
-    return watch
+    return watch, owners, names
 
 
 def follows(new: torch.Tensor, old: torch.Tensor, any_device: bool = False) -> bool:
